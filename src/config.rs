@@ -1,0 +1,132 @@
+//! Command-line flags. Every `serve` flag can also be set through an environment variable `CLIPSERVE_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// clipserve: CLIP ViT-B/32 embeddings over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "clipserve", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC service on one model.
+    Serve(ServeArgs),
+}
+
+/// Flags of `clipserve serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model directory written by deploy/export_model.py (model.pt, tokenizer.json, manifest.json).
+    #[arg(long, env = "CLIPSERVE_MODEL")]
+    pub model: PathBuf,
+
+    /// gRPC listen address; port 0 picks a free port (the chosen address is logged on the `listening` line).
+    #[arg(long, env = "CLIPSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Devices to run the model on: cpu, cuda, cuda:N, a comma-separated list (cuda:0,cuda:1), or auto
+    /// (every visible GPU, else cpu).
+    #[arg(long, env = "CLIPSERVE_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Model worker threads per device, each with its own copy of the model.
+    #[arg(long, env = "CLIPSERVE_WORKERS_PER_DEVICE", default_value_t = 1)]
+    pub workers_per_device: usize,
+
+    /// Run the model in float16 on CUDA devices (CPU always runs float32).
+    #[arg(long, env = "CLIPSERVE_FP16", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fp16: bool,
+
+    /// Most images in one forward pass.
+    #[arg(long, env = "CLIPSERVE_MAX_BATCH_IMAGES", default_value_t = 256)]
+    pub max_batch_images: usize,
+
+    /// Most texts in one forward pass.
+    #[arg(long, env = "CLIPSERVE_MAX_BATCH_TEXTS", default_value_t = 1024)]
+    pub max_batch_texts: usize,
+
+    /// How long a free worker may wait for a batch to fill (e.g. "2ms"); 0 never waits while work is queued.
+    #[arg(long, env = "CLIPSERVE_MAX_BATCH_DELAY", default_value = "0ms", value_parser = parse_duration)]
+    pub max_batch_delay: Duration,
+
+    /// Most items (images plus texts) admitted and not yet answered; past it unary calls get RESOURCE_EXHAUSTED
+    /// at once and streams wait.
+    #[arg(long, env = "CLIPSERVE_MAX_QUEUED_ITEMS", default_value_t = 4096)]
+    pub max_queued_items: usize,
+
+    /// Most items in one request message.
+    #[arg(long, env = "CLIPSERVE_MAX_ITEMS_PER_REQUEST", default_value_t = 1024)]
+    pub max_items_per_request: usize,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "CLIPSERVE_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Largest encoded image, in bytes.
+    #[arg(long, env = "CLIPSERVE_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]
+    pub max_image_bytes: usize,
+
+    /// Most pixels (width x height) an image may claim; checked from its header before decoding.
+    #[arg(long, env = "CLIPSERVE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Longest text, in characters (texts are truncated to the model's 77 tokens anyway).
+    #[arg(long, env = "CLIPSERVE_MAX_TEXT_CHARS", default_value_t = 16_384)]
+    pub max_text_chars: usize,
+
+    /// Request messages of one EmbedStream processed at once; the stream reads no further until one completes.
+    #[arg(long, env = "CLIPSERVE_STREAM_WINDOW", default_value_t = 16)]
+    pub stream_window: usize,
+
+    /// Threads decoding, preprocessing and tokenizing; 0 means one per core.
+    #[arg(long, env = "CLIPSERVE_CPU_THREADS", default_value_t = 0)]
+    pub cpu_threads: usize,
+
+    /// On SIGTERM/SIGINT, how long in-flight work may take to finish before the process exits anyway.
+    #[arg(long, env = "CLIPSERVE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Threads libtorch may use inside one CPU forward pass; 0 leaves libtorch's default (one per core).
+    #[arg(long, env = "CLIPSERVE_TORCH_THREADS", default_value_t = 0)]
+    pub torch_threads: usize,
+}
+
+/// Parses durations such as `0`, `250us`, `2ms`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let seconds = match unit.trim() {
+        "" if value == 0.0 => 0.0,
+        "ns" => value * 1e-9,
+        "us" | "µs" => value * 1e-6,
+        "ms" => value * 1e-3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration {s:?}: use a unit of ns, us, ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The tonic service: protobuf <-> domain conversion, `Embed`, `EmbedStream`, `Info`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Admission, Engine, ImageSource, ItemInput, ItemOutput};
+use crate::error::Error;
+use crate::pb;
+use crate::pb::embedder_server::Embedder;
+
+/// The `clipserve.v1.Embedder` service.
+pub struct EmbedderService {
+    engine: Arc<Engine>,
+    stream_window: usize,
+}
+
+impl EmbedderService {
+    /// A service over `engine`, holding at most `stream_window` messages of one stream in flight.
+    pub fn new(engine: Arc<Engine>, stream_window: usize) -> Self {
+        EmbedderService { engine, stream_window: stream_window.max(1) }
+    }
+}
+
+/// Parses the `grpc-timeout` header (e.g. `250m`, `5S`) into a deadline.
+pub fn deadline_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
+fn to_item(item: pb::Item) -> ItemInput {
+    use pb::item::Image;
+    ItemInput {
+        id: item.id,
+        image: item.image.map(|i| match i {
+            Image::ImageBytes(b) => ImageSource::Bytes(b),
+            Image::ImageUrl(u) => ImageSource::Url(u),
+            Image::ImageBase64(s) => ImageSource::Base64(s),
+        }),
+        text: item.text,
+    }
+}
+
+fn to_embedding(out: ItemOutput) -> pb::Embedding {
+    pb::Embedding {
+        id: out.id,
+        image_features: out.image_features.unwrap_or_default(),
+        text_features: out.text_features.unwrap_or_default(),
+        error: None,
+    }
+}
+
+fn item_label(index: usize, id: &str) -> String {
+    format!("item {index} (id {id:?})")
+}
+
+/// Runs one request message: per-item results, each failure named by its index and id.
+async fn run_request(
+    engine: &Engine,
+    request: pb::EmbedRequest,
+    deadline: Option<Instant>,
+    admission: Admission,
+) -> Result<Vec<Result<ItemOutput, (String, Error)>>, Error> {
+    let ids: Vec<String> = request.items.iter().map(|i| i.id.clone()).collect();
+    let items = request.items.into_iter().map(to_item).collect();
+    let results = engine.embed(items, request.normalize, deadline, admission).await?;
+    Ok(results.into_iter().zip(ids).map(|(r, id)| r.map_err(|e| (id, e))).collect())
+}
+
+type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Embedder for EmbedderService {
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let deadline = deadline_from_metadata(request.metadata());
+        let results = run_request(&self.engine, request.into_inner(), deadline, Admission::Reject).await?;
+        let mut embeddings = Vec::with_capacity(results.len());
+        for (index, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(out) => embeddings.push(to_embedding(out)),
+                // One bad item fails the whole call, with the kind of its error.
+                Err((id, e)) => return Err(e.context(item_label(index, &id)).into()),
+            }
+        }
+        Ok(Response::new(pb::EmbedResponse { embeddings }))
+    }
+
+    type EmbedStreamStream = EmbedStreamOut;
+
+    async fn embed_stream(
+        &self,
+        request: Request<Streaming<pb::EmbedRequest>>,
+    ) -> Result<Response<Self::EmbedStreamStream>, Status> {
+        let deadline = deadline_from_metadata(request.metadata());
+        let inbound = request.into_inner();
+        let engine = self.engine.clone();
+        let window = self.stream_window;
+        let (tx, rx) = mpsc::channel::<Result<pb::EmbedResponse, Status>>(window);
+        tokio::spawn(async move {
+            // `buffered` keeps at most `window` messages in flight and yields their answers in order; it reads
+            // no further from the client while the window is full (backpressure through HTTP/2 flow control).
+            let mut answers = inbound
+                .map(|message| {
+                    let engine = engine.clone();
+                    async move {
+                        let message = message?;
+                        Ok::<_, Status>(stream_answer(&engine, message, deadline).await)
+                    }
+                })
+                .buffered(window);
+            while let Some(answer) = answers.next().await {
+                let end = answer.is_err();
+                if tx.send(answer).await.is_err() {
+                    break; // the client has gone: dropping `answers` cancels the work in flight
+                }
+                if end {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let info = self.engine.info();
+        Ok(Response::new(pb::InfoResponse {
+            model_id: info.model_id.clone(),
+            weights: info.weights.clone(),
+            embedding_dim: info.embedding_dim as i32,
+            device: info.device.clone(),
+            dtype: info.dtype.clone(),
+            context_length: info.context_length as i32,
+            image_size: info.image_size as i32,
+        }))
+    }
+}
+
+/// One stream message's answer: each item its embedding or its own error; a message-level failure (e.g. too
+/// many items) becomes the error of each of its items, so the stream goes on.
+async fn stream_answer(engine: &Engine, message: pb::EmbedRequest, deadline: Option<Instant>) -> pb::EmbedResponse {
+    let ids: Vec<String> = message.items.iter().map(|i| i.id.clone()).collect();
+    let embeddings = match run_request(engine, message, deadline, Admission::Wait).await {
+        Ok(results) => results
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| match r {
+                Ok(out) => to_embedding(out),
+                Err((id, e)) => error_embedding(id.clone(), e.context(item_label(index, &id))),
+            })
+            .collect(),
+        Err(e) => ids.into_iter().map(|id| error_embedding(id, e.clone())).collect(),
+    };
+    pb::EmbedResponse { embeddings }
+}
+
+fn error_embedding(id: String, e: Error) -> pb::Embedding {
+    pb::Embedding {
+        id,
+        image_features: Vec::new(),
+        text_features: Vec::new(),
+        error: Some(pb::ItemError { code: e.grpc_code() as i32, message: e.message().to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataMap;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let mut m = MetadataMap::new();
+        assert!(deadline_from_metadata(&m).is_none());
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        let d = deadline_from_metadata(&m).unwrap() - Instant::now();
+        assert!(d <= Duration::from_millis(250) && d > Duration::from_millis(200));
+        m.insert("grpc-timeout", "2S".parse().unwrap());
+        assert!(deadline_from_metadata(&m).unwrap() > Instant::now() + Duration::from_secs(1));
+        m.insert("grpc-timeout", "xx".parse().unwrap());
+        assert!(deadline_from_metadata(&m).is_none());
+    }
+}

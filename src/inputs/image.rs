@@ -1,0 +1,306 @@
+//! Image decoding and CLIP preprocessing, matching `transformers`' `CLIPImageProcessor` (PIL backend):
+//! convert to RGB as transformers does (gray replicated, palettes expanded, transparency composited onto white),
+//! resize the shortest side to `size` with Pillow's bicubic, center-crop `size` x `size`, rescale by 1/255,
+//! normalize with the mean and std.
+//!
+//! JPEGs are decoded by libjpeg-turbo's decoder (through mozjpeg, built from source), the decoder Pillow uses,
+//! so the pixels equal Pillow's; other formats by the `image` crate.
+
+use std::io::Cursor;
+
+use base64::Engine as _;
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+use crate::error::Error;
+use crate::inputs::resample::{resize_rgb_window, Window};
+
+/// A decoded image: packed 8-bit RGB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// Formats decoded; everything else is refused before decoding.
+const SUPPORTED: [ImageFormat; 5] =
+    [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp];
+
+/// Preprocessing parameters and limits, from the model manifest and the server flags.
+#[derive(Debug, Clone)]
+pub struct ImagePreprocessor {
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Most bytes of an encoded image.
+    pub max_bytes: usize,
+    /// Most pixels an image may claim in its header.
+    pub max_pixels: u64,
+}
+
+/// Decodes base64 as clients send it: standard alphabet, with or without padding, with line breaks and other
+/// whitespace anywhere (Python's `base64.encodebytes`), optionally behind a `data:image/...;base64,` prefix.
+pub fn decode_base64(text: &str) -> Result<Vec<u8>, Error> {
+    let mut body = text.trim();
+    if let Some(rest) = body.strip_prefix("data:") {
+        let (header, data) =
+            rest.split_once(',').ok_or_else(|| Error::InvalidArgument("data URI without a comma".into()))?;
+        if !header.ends_with(";base64") {
+            return Err(Error::InvalidArgument("data URI is not base64-encoded".into()));
+        }
+        body = data;
+    }
+    let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if compact.is_empty() {
+        return Err(Error::InvalidArgument("empty base64 image".into()));
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine.decode(&compact).map_err(|e| Error::InvalidArgument(format!("invalid base64: {e}")))
+}
+
+impl ImagePreprocessor {
+    /// Values per preprocessed image: `3 * size * size`.
+    pub fn tensor_len(&self) -> usize {
+        3 * (self.size as usize) * (self.size as usize)
+    }
+
+    /// Decodes an encoded image into RGB, enforcing the byte, format and pixel limits before decoding.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, Error> {
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument("empty image".into()));
+        }
+        if bytes.len() > self.max_bytes {
+            return Err(Error::TooLarge(format!(
+                "image of {} bytes exceeds the limit of {}",
+                bytes.len(),
+                self.max_bytes
+            )));
+        }
+        let reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::InvalidArgument(format!("cannot read image: {e}")))?;
+        let format = reader.format().filter(|f| SUPPORTED.contains(f)).ok_or_else(|| {
+            Error::InvalidArgument("not a supported image (JPEG, PNG, WebP, GIF or BMP expected)".into())
+        })?;
+        let (w, h) =
+            reader.into_dimensions().map_err(|e| Error::InvalidArgument(format!("cannot decode image: {e}")))?;
+        let pixels = w as u64 * h as u64;
+        if pixels > self.max_pixels {
+            return Err(Error::TooLarge(format!(
+                "image of {w}x{h} pixels exceeds the limit of {} pixels",
+                self.max_pixels
+            )));
+        }
+        if pixels == 0 {
+            return Err(Error::InvalidArgument(format!("image has no pixels ({w}x{h})")));
+        }
+        if format == ImageFormat::Jpeg {
+            if let Some(rgb) = decode_jpeg(bytes)? {
+                return Ok(rgb);
+            }
+        }
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(w);
+        limits.max_image_height = Some(h);
+        // Decoded RGBA16 of the claimed size, plus slack for the decoder's own buffers.
+        limits.max_alloc = Some(pixels * 8 + (64 << 20));
+        reader.limits(limits);
+        let image = reader.decode().map_err(|e| Error::InvalidArgument(format!("cannot decode image: {e}")))?;
+        Ok(to_rgb(image))
+    }
+
+    /// Resizes the shortest side to `size` (Pillow's bicubic) and center-crops `size` x `size`: HWC RGB bytes.
+    pub fn resize_and_crop(&self, rgb: &RgbImage) -> Vec<u8> {
+        let (w, h) = (rgb.width as usize, rgb.height as usize);
+        let (new_w, new_h) = resized_dims(rgb.width, rgb.height, self.size);
+        let s = self.size as usize;
+        let window = Window { x0: (new_w as usize - s) / 2, y0: (new_h as usize - s) / 2, w: s, h: s };
+        resize_rgb_window(&rgb.data, w, h, new_w as usize, new_h as usize, window)
+    }
+
+    /// Rescales by 1/255 and normalizes with the mean and std: CHW float32.
+    pub fn normalize(&self, hwc: &[u8]) -> Vec<f32> {
+        let plane = (self.size as usize) * (self.size as usize);
+        let mut out = vec![0f32; 3 * plane];
+        for c in 0..3 {
+            // (x / 255 - mean) / std as x * scale + offset, computed in f32 like numpy's float32 path.
+            let scale = 1.0 / (255.0 * self.std[c]);
+            let offset = -self.mean[c] / self.std[c];
+            for (i, px) in hwc.chunks_exact(3).enumerate() {
+                out[c * plane + i] = px[c] as f32 * scale + offset;
+            }
+        }
+        out
+    }
+
+    /// The whole pipeline: encoded bytes to the model's pixel tensor (CHW float32, `3 * size * size`).
+    pub fn preprocess(&self, bytes: &[u8]) -> Result<Vec<f32>, Error> {
+        let rgb = self.decode(bytes)?;
+        let hwc = self.resize_and_crop(&rgb);
+        Ok(self.normalize(&hwc))
+    }
+}
+
+/// Output size of "shortest side to `size`", as transformers computes it: the long side is
+/// `int(size * long / short)`, truncated, in double precision.
+pub fn resized_dims(w: u32, h: u32, size: u32) -> (u32, u32) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = (size as f64 * long as f64 / short as f64) as u32;
+    if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// Decodes a JPEG with libjpeg-turbo's decoder into RGB (gray replicated). `None` for color spaces it cannot
+/// convert to RGB (CMYK, YCCK), which the `image` crate then decodes.
+fn decode_jpeg(bytes: &[u8]) -> Result<Option<RgbImage>, Error> {
+    use mozjpeg::ColorSpace;
+    let bad = |e: std::io::Error| Error::InvalidArgument(format!("cannot decode image: {e}"));
+    // libjpeg reports fatal errors by unwinding (caught inside mozjpeg); never let one escape as a panic.
+    let decoded = std::panic::catch_unwind(|| -> Result<Option<RgbImage>, Error> {
+        let d = mozjpeg::Decompress::new_mem(bytes).map_err(bad)?;
+        if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
+            return Ok(None);
+        }
+        let mut started = d.rgb().map_err(bad)?;
+        let (width, height) = (started.width() as u32, started.height() as u32);
+        let data = started.read_scanlines::<u8>().map_err(bad)?;
+        if data.len() != width as usize * height as usize * 3 {
+            return Err(Error::InvalidArgument("cannot decode image: truncated JPEG".into()));
+        }
+        started.finish().map_err(bad)?;
+        Ok(Some(RgbImage { width, height, data }))
+    });
+    decoded.unwrap_or_else(|_| Err(Error::InvalidArgument("cannot decode image: corrupt JPEG".into())))
+}
+
+/// transformers' `convert_to_rgb`: an image with an alpha channel is composited onto opaque white with Pillow's
+/// `alpha_composite` arithmetic, then the alpha is dropped; others become RGB as PIL's `convert("RGB")` does (gray
+/// replicated; palettes are expanded by the decoder; 16-bit samples scaled to 8 bits).
+fn to_rgb(image: DynamicImage) -> RgbImage {
+    let (width, height) = (image.width(), image.height());
+    if !image.color().has_alpha() {
+        return RgbImage { width, height, data: image.into_rgb8().into_raw() };
+    }
+    let rgba = image.into_rgba8().into_raw();
+    let mut data = Vec::with_capacity(rgba.len() / 4 * 3);
+    for px in rgba.chunks_exact(4) {
+        let a = px[3] as u32;
+        for &c in &px[..3] {
+            data.push(over_white(c as u32, a));
+        }
+    }
+    RgbImage { width, height, data }
+}
+
+/// One channel of Pillow's `ImagingAlphaComposite` of (c, a) over opaque white (7-bit fixed point).
+fn over_white(c: u32, a: u32) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    const PRECISION_BITS: u32 = 7;
+    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / (255 * 255);
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    let tmp = c * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+    ((((tmp >> 8) + tmp) >> 8) >> PRECISION_BITS) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::excessive_precision)] // CLIP's constants, as published
+    fn pre() -> ImagePreprocessor {
+        ImagePreprocessor {
+            size: 224,
+            mean: [0.48145466, 0.4578275, 0.40821073],
+            std: [0.26862954, 0.26130258, 0.27577711],
+            max_bytes: 1 << 20,
+            max_pixels: 10_000_000,
+        }
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn dims_follow_transformers_rounding() {
+        assert_eq!(resized_dims(2000, 1500, 224), (298, 224));
+        assert_eq!(resized_dims(1500, 2000, 224), (224, 298));
+        assert_eq!(resized_dims(1, 1, 224), (224, 224));
+        assert_eq!(resized_dims(640, 480, 224), (298, 224));
+        assert_eq!(resized_dims(300, 1, 224), (67200, 224));
+    }
+
+    #[test]
+    fn alpha_over_white() {
+        assert_eq!(over_white(10, 255), 10);
+        assert_eq!(over_white(200, 255), 200);
+        assert_eq!(over_white(0, 0), 255);
+        assert_eq!(over_white(0, 128), 127);
+        for c in 0..=255 {
+            assert_eq!(over_white(c, 255), c as u8);
+        }
+    }
+
+    #[test]
+    fn base64_variants() {
+        let raw = b"hello image bytes, long enough to wrap at seventy-six characters when encoded!!";
+        let plain = base64::engine::general_purpose::STANDARD.encode(raw);
+        let wrapped: String =
+            plain.as_bytes().chunks(76).map(|c| format!("{}\n", std::str::from_utf8(c).unwrap())).collect();
+        assert_eq!(decode_base64(&plain).unwrap(), raw);
+        assert_eq!(decode_base64(&wrapped).unwrap(), raw);
+        assert_eq!(decode_base64(&format!("data:image/png;base64,{plain}")).unwrap(), raw);
+        assert_eq!(decode_base64(plain.trim_end_matches('=')).unwrap(), raw);
+        assert!(matches!(decode_base64("not base64!"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(decode_base64(""), Err(Error::InvalidArgument(_))));
+        assert!(matches!(decode_base64("data:image/png,abc"), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn preprocess_shape_and_range() {
+        let t = pre().preprocess(&png(300, 200)).unwrap();
+        assert_eq!(t.len(), 3 * 224 * 224);
+        let (lo, hi) = t.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        assert!(lo >= -1.8 && hi <= 2.2, "normalized range {lo}..{hi}");
+    }
+
+    #[test]
+    fn refuses_bad_input_with_the_right_kind() {
+        let p = pre();
+        assert!(matches!(p.preprocess(&[]), Err(Error::InvalidArgument(_))));
+        assert!(matches!(p.preprocess(b"<html>not an image</html>"), Err(Error::InvalidArgument(_))));
+        let mut truncated = png(64, 64);
+        truncated.truncate(truncated.len() / 2);
+        assert!(matches!(p.preprocess(&truncated), Err(Error::InvalidArgument(_))));
+        let small = ImagePreprocessor { max_pixels: 100, ..pre() };
+        assert!(matches!(small.preprocess(&png(11, 10)), Err(Error::TooLarge(_))));
+        let tiny_bytes = ImagePreprocessor { max_bytes: 10, ..pre() };
+        assert!(matches!(tiny_bytes.preprocess(&png(4, 4)), Err(Error::TooLarge(_))));
+    }
+
+    #[test]
+    fn huge_claimed_dimensions_are_refused_from_the_header() {
+        // A valid PNG header claiming 30000x30000, with no pixel data behind it.
+        let mut bytes = png(1, 1);
+        bytes[16..20].copy_from_slice(&30000u32.to_be_bytes());
+        bytes[20..24].copy_from_slice(&30000u32.to_be_bytes());
+        let crc = crc32fast::hash(&bytes[12..29]); // chunk type + IHDR data
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+        let start = std::time::Instant::now();
+        assert!(matches!(pre().preprocess(&bytes), Err(Error::TooLarge(_))));
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+}

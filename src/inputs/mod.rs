@@ -1,0 +1,5 @@
+//! Turning request inputs into model inputs: image decoding and preprocessing, base64, tokenizing.
+
+pub mod image;
+pub mod resample;
+pub mod text;

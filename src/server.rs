@@ -1,0 +1,157 @@
+//! `clipserve serve`: wires the model, the engine and the gRPC service together, and runs them until a signal.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::batching::{Batcher, BatcherConfig};
+use crate::config::ServeArgs;
+use crate::engine::{Engine, Limits, ModelInfo};
+use crate::grpc::EmbedderService;
+use crate::inputs::image::ImagePreprocessor;
+use crate::inputs::text::ClipTokenizer;
+use crate::model::{device, Manifest, ModelPool, PoolConfig};
+use crate::pb;
+use crate::pb::embedder_server::EmbedderServer;
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&args.model)?;
+    if manifest.is_random() {
+        tracing::warn!(
+            weights = %manifest.weights,
+            "model {} has RANDOM weights: its embeddings carry no meaning (export with hub access for the real ones)",
+            manifest.model_id
+        );
+    }
+    let devices = device::parse_devices(&args.device)?;
+    let pool_config = PoolConfig {
+        model_dir: args.model.clone(),
+        devices: devices.clone(),
+        workers_per_device: args.workers_per_device,
+        fp16: args.fp16,
+        torch_threads: args.torch_threads,
+    };
+    let info = ModelInfo {
+        model_id: manifest.model_id.clone(),
+        weights: manifest.weights.clone(),
+        embedding_dim: manifest.embedding_dim,
+        device: devices.iter().map(|d| device::device_name(*d)).collect::<Vec<_>>().join(","),
+        dtype: pool_config.dtype_on(devices[0]).to_string(),
+        context_length: manifest.context_length,
+        image_size: manifest.image_size,
+    };
+    let tokenizer =
+        ClipTokenizer::load(&args.model.join("tokenizer.json"), manifest.context_length, args.max_text_chars)?;
+    let images = ImagePreprocessor {
+        size: manifest.image_size,
+        mean: manifest.image_mean,
+        std: manifest.image_std,
+        max_bytes: args.max_image_bytes,
+        max_pixels: args.max_image_pixels,
+    };
+    let batcher = Arc::new(Batcher::new(BatcherConfig {
+        max_batch_images: args.max_batch_images.max(1),
+        max_batch_texts: args.max_batch_texts.max(1),
+        max_batch_delay: args.max_batch_delay,
+    }));
+    let limits = Limits { max_items_per_request: args.max_items_per_request, max_queued_items: args.max_queued_items };
+    let engine = Arc::new(Engine::new(batcher.clone(), images, tokenizer, limits, args.cpu_threads, info)?);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve(args, engine, batcher, manifest, pool_config))
+}
+
+async fn serve(
+    args: ServeArgs,
+    engine: Arc<Engine>,
+    batcher: Arc<Batcher>,
+    manifest: Manifest,
+    pool_config: PoolConfig,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
+    let grpc_addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let embedder = EmbedderServer::new(EmbedderService::new(engine.clone(), args.stream_window))
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(embedder)
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    // The one line scripts and tests look for.
+    eprintln!("listening grpc={grpc_addr}");
+    tracing::info!(%grpc_addr, model = %args.model.display(), "serving; loading the model");
+
+    // Load and warm up the model off the runtime; health turns SERVING once every worker is ready.
+    let loading = {
+        let batcher = batcher.clone();
+        tokio::task::spawn_blocking(move || ModelPool::start(&pool_config, &manifest, batcher))
+    };
+    let pool = tokio::select! {
+        loaded = loading => loaded.context("model loader")?.context("loading the model")?,
+        _ = shutdown_signal() => {
+            tracing::info!("signal received while loading; exiting");
+            return Ok(());
+        }
+    };
+    engine.set_ready();
+    health.set_serving::<EmbedderServer<EmbedderService>>().await;
+    let info = engine.info();
+    tracing::info!(
+        model_id = %info.model_id, weights = %info.weights, device = %info.device, dtype = %info.dtype,
+        "ready"
+    );
+
+    tokio::select! {
+        result = &mut server => {
+            result.context("gRPC server task")?.context("gRPC server")?;
+            anyhow::bail!("gRPC server stopped unexpectedly");
+        }
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!(timeout = ?args.shutdown_timeout, "shutting down: refusing new work, finishing what is in flight");
+    engine.start_draining();
+    health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(args.shutdown_timeout, &mut server).await.is_err() {
+        tracing::warn!("shutdown timeout reached with calls still open; exiting anyway");
+        server.abort();
+    }
+    batcher.close();
+    let join = tokio::task::spawn_blocking(move || pool.join());
+    let _ = tokio::time::timeout(args.shutdown_timeout, join).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,155 @@
+//! Shared test support: the reference fixtures written by deploy/make_test_fixtures.py, and a real
+//! `clipserve serve` process on port 0.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clipserve::pb::embedder_client::EmbedderClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// Folder of the reference data (`CLIPSERVE_TEST_FIXTURES`, default `target/test-fixtures`).
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("CLIPSERVE_TEST_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-fixtures"))
+}
+
+/// The parsed `fixtures.json`. Missing fixtures are a setup error, reported loudly: run deploy/test.sh.
+pub fn fixtures() -> Value {
+    let path = fixtures_dir().join("fixtures.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{}: {e}. The reference data is made by deploy/test.sh (run it instead of cargo test)", path.display())
+    });
+    serde_json::from_str(&text).expect("fixtures.json")
+}
+
+/// Model directory of a fixture model (`tiny` or `vit-b32`).
+pub fn model_dir(name: &str) -> PathBuf {
+    let f = fixtures();
+    let dir = f["models"][name]["dir"].as_str().unwrap_or_else(|| panic!("no fixture model {name}"));
+    PathBuf::from(dir)
+}
+
+/// Bytes of a fixture image.
+pub fn image_bytes(file: &str) -> Vec<u8> {
+    std::fs::read(fixtures_dir().join("images").join(file)).expect("fixture image")
+}
+
+/// A JSON array of arrays of numbers as vectors.
+pub fn matrix(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|row| row.as_array().expect("row").iter().map(|x| x.as_f64().expect("number") as f32).collect())
+        .collect()
+}
+
+/// Cosine similarity, in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "vector lengths differ");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// A `clipserve serve` child process, killed on drop.
+pub struct TestServer {
+    child: Child,
+    pub grpc_addr: String,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl TestServer {
+    /// Starts the server on `model` (CPU, port 0) with extra flags, and waits until health says SERVING.
+    pub async fn start(model: &Path, extra: &[&str]) -> TestServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clipserve"))
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--device", "cpu", "--model"])
+            .arg(model)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting clipserve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                if tx.send(line).is_err() {
+                    // keep draining so the server never blocks on a full pipe
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let grpc_addr = loop {
+            let line = rx.recv_timeout(Duration::from_secs(60)).expect("server printed no `listening` line");
+            if let Some(rest) = line.strip_prefix("listening ") {
+                let addr = rest
+                    .split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("grpc="))
+                    .expect("grpc= on the listening line");
+                break addr.to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "server did not start");
+        };
+        let server = TestServer { child, grpc_addr, log: rx };
+        server.wait_serving(Duration::from_secs(120)).await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connecting")
+    }
+
+    pub async fn client(&self) -> EmbedderClient<Channel> {
+        EmbedderClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Polls grpc.health.v1 for `clipserve.v1.Embedder` until SERVING.
+    pub async fn wait_serving(&self, timeout: Duration) {
+        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(ch) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let mut h = HealthClient::new(ch);
+                let req = HealthCheckRequest { service: "clipserve.v1.Embedder".into() };
+                if let Ok(r) = h.check(req).await {
+                    if r.into_inner().status == ServingStatus::Serving as i32 {
+                        return;
+                    }
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "server never became SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("waiting for the server");
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
