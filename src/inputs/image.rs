@@ -163,6 +163,10 @@ pub fn resized_dims(w: u32, h: u32, size: u32) -> (u32, u32) {
 fn decode_jpeg(bytes: &[u8]) -> Result<Option<RgbImage>, Error> {
     use mozjpeg::ColorSpace;
     let bad = |e: std::io::Error| Error::InvalidArgument(format!("cannot decode image: {e}"));
+    // libjpeg pads a truncated file with gray and only warns; Pillow refuses it ("image file is truncated").
+    if !jpeg_has_end(bytes) {
+        return Err(Error::InvalidArgument("cannot decode image: truncated JPEG (no end-of-image marker)".into()));
+    }
     // libjpeg reports fatal errors by unwinding (caught inside mozjpeg); never let one escape as a panic.
     let decoded = std::panic::catch_unwind(|| -> Result<Option<RgbImage>, Error> {
         let d = mozjpeg::Decompress::new_mem(bytes).map_err(bad)?;
@@ -179,6 +183,17 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<RgbImage>, Error> {
         Ok(Some(RgbImage { width, height, data }))
     });
     decoded.unwrap_or_else(|_| Err(Error::InvalidArgument("cannot decode image: corrupt JPEG".into())))
+}
+
+/// True when an end-of-image marker follows the last start-of-scan marker. Entropy-coded data never holds a 0xFF
+/// followed by 0xD9 or 0xDA (0xFF is byte-stuffed), so the last 0xFFDA is the last scan header, and a complete file
+/// has its 0xFFD9 after it; thumbnails in APP segments come before the image's own scans.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_sos {
+        Some(pos) => bytes[pos..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
 }
 
 /// transformers' `convert_to_rgb`: an image with an alpha channel is composited onto opaque white with Pillow's

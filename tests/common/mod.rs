@@ -63,6 +63,8 @@ pub struct TestServer {
     child: Child,
     pub grpc_addr: String,
     pub log: mpsc::Receiver<String>,
+    /// Lines printed up to and including the `listening` line.
+    pub early_log: Vec<String>,
 }
 
 impl TestServer {
@@ -88,8 +90,10 @@ impl TestServer {
             }
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut early_log = Vec::new();
         let grpc_addr = loop {
             let line = rx.recv_timeout(Duration::from_secs(60)).expect("server printed no `listening` line");
+            early_log.push(line.clone());
             if let Some(rest) = line.strip_prefix("listening ") {
                 let addr = rest
                     .split_whitespace()
@@ -99,7 +103,7 @@ impl TestServer {
             }
             assert!(std::time::Instant::now() < deadline, "server did not start");
         };
-        let server = TestServer { child, grpc_addr, log: rx };
+        let server = TestServer { child, grpc_addr, log: rx, early_log };
         server.wait_serving(Duration::from_secs(120)).await;
         server
     }
