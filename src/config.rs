@@ -16,8 +16,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gRPC service on one model.
+    /// Run the gRPC service and the HTTP listener on one model.
     Serve(ServeArgs),
+    /// Load a server (or time the raw model) and print throughput and latency.
+    Bench(crate::client::bench::BenchArgs),
 }
 
 /// Flags of `clipserve serve`.
@@ -30,6 +32,10 @@ pub struct ServeArgs {
     /// gRPC listen address; port 0 picks a free port (the chosen address is logged on the `listening` line).
     #[arg(long, env = "CLIPSERVE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address (health, readiness, metrics); port 0 picks a free port.
+    #[arg(long, env = "CLIPSERVE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
 
     /// Devices to run the model on: cpu, cuda, cuda:N, a comma-separated list (cuda:0,cuda:1), or auto
     /// (every visible GPU, else cpu).

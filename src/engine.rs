@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::batching::{Batcher, ImageInput, Job, TextInput};
+use crate::batching::{Batcher, ImageInput, Job, Reply, TextInput};
 use crate::error::Error;
 use crate::inputs::image::{decode_base64, ImagePreprocessor};
 use crate::inputs::text::ClipTokenizer;
+use crate::metrics as m;
 
 /// Where an item's image comes from.
 #[derive(Debug, Clone)]
@@ -124,6 +125,7 @@ impl Engine {
     /// Marks the model loaded and warmed up.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
+        metrics::gauge!(m::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
     }
 
     /// True once the model is loaded and warmed up, until draining starts.
@@ -134,6 +136,7 @@ impl Engine {
     /// Refuses new work from now on (graceful shutdown); work already admitted completes.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        metrics::gauge!(m::READY).set(0.0);
     }
 
     /// Embeds `items`. The outer error concerns the whole request (not ready, too many items, over capacity);
@@ -163,7 +166,7 @@ impl Engine {
         let _permit = self.admit(jobs, admission).await?;
 
         let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
-        let work: Vec<ItemWork> = items.into_iter().map(|item| self.submit(item, deadline)).collect();
+        let work = self.submit(items, deadline);
 
         let collect = async {
             let mut out = Vec::with_capacity(work.len());
@@ -193,7 +196,7 @@ impl Engine {
         }
     }
 
-    async fn admit(&self, jobs: usize, admission: Admission) -> Result<Option<OwnedSemaphorePermit>, Error> {
+    async fn admit(&self, jobs: usize, admission: Admission) -> Result<Option<AdmittedItems>, Error> {
         if jobs == 0 {
             return Ok(None);
         }
@@ -218,60 +221,123 @@ impl Engine {
                 .await
                 .map_err(|_| Error::Unavailable("server is shutting down".into()))?,
         };
-        Ok(Some(permit))
+        metrics::gauge!(m::ADMITTED_ITEMS).increment(jobs as f64);
+        Ok(Some(AdmittedItems { _permit: permit, count: jobs }))
     }
 
-    /// Validates one item and hands its work to the CPU pool, which queues it for the model.
-    fn submit(&self, item: ItemInput, deadline: Option<Instant>) -> ItemWork {
-        if item.image.is_none() && item.text.is_none() {
-            return ItemWork::Failed(Error::InvalidArgument("item has neither an image nor a text".into()));
-        }
-        let image = match item.image {
-            None => None,
-            Some(ImageSource::Url(_)) => {
-                return ItemWork::Failed(Error::InvalidArgument(
-                    "image URLs are not supported by this server; send image_bytes or image_base64".into(),
-                ))
-            }
-            Some(source) => {
-                let (tx, rx) = oneshot::channel();
-                let (pre, batcher) = (self.images.clone(), self.batcher.clone());
-                self.cpu.spawn(move || {
-                    if tx.is_closed() {
-                        return; // the caller has gone
+    /// Validates the items and hands their work to the CPU pool, which queues it for the model.
+    fn submit(&self, items: Vec<ItemInput>, deadline: Option<Instant>) -> Vec<ItemWork> {
+        let mut images: Vec<(ImageSource, Reply)> = Vec::new();
+        let mut texts: Vec<(String, Reply)> = Vec::new();
+        let work = items
+            .into_iter()
+            .map(|item| {
+                match (&item.image, &item.text) {
+                    (None, None) => {
+                        return ItemWork::Failed(Error::InvalidArgument("item has neither an image nor a text".into()))
                     }
-                    let pixels = match source {
-                        ImageSource::Bytes(b) => pre.preprocess(&b),
-                        ImageSource::Base64(s) => decode_base64(&s).and_then(|b| pre.preprocess(&b)),
-                        ImageSource::Url(_) => unreachable!("refused above"),
-                    };
-                    match pixels {
-                        Ok(pixels) => batcher.push_image(Job::new(ImageInput { pixels }, deadline, tx)),
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                        }
+                    (Some(ImageSource::Url(_)), _) => {
+                        return ItemWork::Failed(Error::InvalidArgument(
+                            "image URLs are not supported by this server; send image_bytes or image_base64".into(),
+                        ))
                     }
-                });
-                Some(rx)
-            }
-        };
-        let text = item.text.map(|text| {
-            let (tx, rx) = oneshot::channel();
-            let (tok, batcher) = (self.tokenizer.clone(), self.batcher.clone());
-            self.cpu.spawn(move || {
-                if tx.is_closed() {
-                    return;
+                    _ => {}
                 }
-                match tok.encode(&text) {
-                    Ok(ids) => batcher.push_text(Job::new(TextInput { ids }, deadline, tx)),
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
+                let image = item.image.map(|source| {
+                    let (tx, rx) = oneshot::channel();
+                    images.push((source, tx));
+                    rx
+                });
+                let text = item.text.map(|text| {
+                    let (tx, rx) = oneshot::channel();
+                    texts.push((text, tx));
+                    rx
+                });
+                ItemWork::Pending { image, text }
+            })
+            .collect();
+        let (pre, tok) = (self.images.clone(), self.tokenizer.clone());
+        let prepare_image = move |source: ImageSource| {
+            let pixels = match source {
+                ImageSource::Bytes(b) => pre.preprocess(&b),
+                ImageSource::Base64(s) => decode_base64(&s).and_then(|b| pre.preprocess(&b)),
+                ImageSource::Url(_) => Err(Error::InvalidArgument("image URLs are not supported".into())),
+            }?;
+            Ok(ImageInput { pixels })
+        };
+        let batcher = self.batcher.clone();
+        self.spawn_groups(images, IMAGE_GROUP, deadline, "image", prepare_image, move |jobs| batcher.push_images(jobs));
+        let batcher = self.batcher.clone();
+        let prepare_text = move |text: String| tok.encode(&text).map(|ids| TextInput { ids });
+        self.spawn_groups(texts, TEXT_GROUP, deadline, "text", prepare_text, move |jobs| batcher.push_texts(jobs));
+        work
+    }
+
+    /// Prepares inputs on the CPU pool in groups: the items of a group are prepared in parallel, then queued
+    /// together, so a request's items can share one forward pass instead of trickling into the queue one by one.
+    /// An input that fails to prepare is answered at once; one whose caller has gone is skipped.
+    fn spawn_groups<I, T, P, Q>(
+        &self,
+        mut work: Vec<(I, Reply)>,
+        group_size: usize,
+        deadline: Option<Instant>,
+        modality: &'static str,
+        prepare: P,
+        queue: Q,
+    ) where
+        I: Send + 'static,
+        T: Send + 'static,
+        P: Fn(I) -> Result<T, Error> + Send + Sync + Clone + 'static,
+        Q: Fn(Vec<Job<T>>) + Send + Clone + 'static,
+    {
+        use rayon::prelude::*;
+        while !work.is_empty() {
+            let rest = work.split_off(work.len().min(group_size));
+            let group = std::mem::replace(&mut work, rest);
+            let (prepare, queue) = (prepare.clone(), queue.clone());
+            self.cpu.spawn(move || {
+                let jobs: Vec<Job<T>> = group
+                    .into_par_iter()
+                    .filter_map(|(input, tx)| {
+                        if tx.is_closed() {
+                            metrics::counter!(m::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
+                            return None;
+                        }
+                        let start = Instant::now();
+                        let prepared = prepare(input);
+                        metrics::histogram!(m::PREPROCESS_DURATION, "modality" => modality)
+                            .record(start.elapsed().as_secs_f64());
+                        match prepared {
+                            Ok(input) => Some(Job::new(input, deadline, tx)),
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                None
+                            }
+                        }
+                    })
+                    .collect();
+                if !jobs.is_empty() {
+                    queue(jobs);
                 }
             });
-            rx
-        });
-        ItemWork::Pending { image, text }
+        }
+    }
+}
+
+/// Most images prepared and queued together.
+const IMAGE_GROUP: usize = 32;
+/// Most texts tokenized and queued together.
+const TEXT_GROUP: usize = 256;
+
+/// Queue capacity held by one request; released (and the gauge lowered) when the request is answered or dropped.
+struct AdmittedItems {
+    _permit: OwnedSemaphorePermit,
+    count: usize,
+}
+
+impl Drop for AdmittedItems {
+    fn drop(&mut self) {
+        metrics::gauge!(m::ADMITTED_ITEMS).decrement(self.count as f64);
     }
 }
 

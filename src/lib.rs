@@ -5,11 +5,14 @@
 //! [`model`] form batches whenever they are free.
 
 pub mod batching;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod inputs;
+pub mod metrics;
 pub mod model;
 pub mod server;
 

@@ -15,5 +15,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => clipserve::server::run(args),
+        Command::Bench(args) => clipserve::client::bench::run(args),
     }
 }

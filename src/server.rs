@@ -71,8 +71,13 @@ async fn serve(
     manifest: Manifest,
     pool_config: PoolConfig,
 ) -> anyhow::Result<()> {
+    let metrics = crate::metrics::install()?;
+    metrics::gauge!(crate::metrics::READY).set(0.0);
     let listener = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
+    let http_listener =
+        TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
+    let http_addr = http_listener.local_addr()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
@@ -94,9 +99,18 @@ async fn serve(
                 let _ = stop_rx.await;
             }),
     );
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = crate::http::router(crate::http::HttpState { engine: engine.clone(), metrics });
+    let mut http_server = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stop_rx.await;
+            })
+            .await
+    });
     // The one line scripts and tests look for.
-    eprintln!("listening grpc={grpc_addr}");
-    tracing::info!(%grpc_addr, model = %args.model.display(), "serving; loading the model");
+    eprintln!("listening grpc={grpc_addr} http={http_addr}");
+    tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), "serving; loading the model");
 
     // Load and warm up the model off the runtime; health turns SERVING once every worker is ready.
     let loading = {
@@ -123,15 +137,25 @@ async fn serve(
             result.context("gRPC server task")?.context("gRPC server")?;
             anyhow::bail!("gRPC server stopped unexpectedly");
         }
+        result = &mut http_server => {
+            result.context("HTTP server task")?.context("HTTP server")?;
+            anyhow::bail!("HTTP server stopped unexpectedly");
+        }
         _ = shutdown_signal() => {}
     }
     tracing::info!(timeout = ?args.shutdown_timeout, "shutting down: refusing new work, finishing what is in flight");
     engine.start_draining();
     health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
     let _ = stop_tx.send(());
-    if tokio::time::timeout(args.shutdown_timeout, &mut server).await.is_err() {
+    let _ = http_stop_tx.send(());
+    let both = async {
+        let _ = (&mut server).await;
+        let _ = (&mut http_server).await;
+    };
+    if tokio::time::timeout(args.shutdown_timeout, both).await.is_err() {
         tracing::warn!("shutdown timeout reached with calls still open; exiting anyway");
         server.abort();
+        http_server.abort();
     }
     batcher.close();
     let join = tokio::task::spawn_blocking(move || pool.join());

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
+use crate::metrics as m;
 
 /// A preprocessed image: normalized CHW float32 pixels, `3 * size * size` values.
 pub struct ImageInput {
@@ -130,20 +131,31 @@ fn fate<T>(job: &Job<T>, now: Instant) -> Fate {
 }
 
 /// Pops up to `max` runnable jobs from the front of `queue`, answering or discarding stale ones on the way.
-fn take<T>(queue: &mut VecDeque<Job<T>>, max: usize, stats: &mut BatcherStats) -> Vec<Job<T>> {
+fn take<T>(queue: &mut VecDeque<Job<T>>, max: usize, stats: &mut BatcherStats, modality: Modality) -> Vec<Job<T>> {
     let now = Instant::now();
     let mut batch = Vec::with_capacity(max.min(queue.len()));
+    let mut popped = 0usize;
     while batch.len() < max {
         let Some(job) = queue.pop_front() else { break };
+        popped += 1;
         match fate(&job, now) {
-            Fate::Run => batch.push(job),
-            Fate::Cancelled => stats.dropped_cancelled += 1,
+            Fate::Run => {
+                metrics::histogram!(m::QUEUE_DURATION, "modality" => modality.as_str())
+                    .record(now.duration_since(job.enqueued_at).as_secs_f64());
+                batch.push(job);
+            }
+            Fate::Cancelled => {
+                stats.dropped_cancelled += 1;
+                metrics::counter!(m::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
+            }
             Fate::Expired => {
                 stats.dropped_deadline += 1;
+                metrics::counter!(m::DROPPED_ITEMS, "reason" => "deadline").increment(1);
                 let _ = job.reply.send(Err(Error::DeadlineExceeded("deadline passed while queued".into())));
             }
         }
     }
+    metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).decrement(popped as f64);
     batch
 }
 
@@ -162,26 +174,46 @@ impl Batcher {
 
     /// Queues an image; after [`Batcher::close`] the job is answered UNAVAILABLE instead.
     pub fn push_image(&self, job: Job<ImageInput>) {
-        let mut q = self.lock();
-        if q.closed {
-            let _ = job.reply.send(Err(Error::Unavailable("server is shutting down".into())));
-            return;
-        }
-        q.images.push_back(job);
-        drop(q);
-        self.work.notify_one();
+        self.push_images(vec![job]);
     }
 
     /// Queues a text; after [`Batcher::close`] the job is answered UNAVAILABLE instead.
     pub fn push_text(&self, job: Job<TextInput>) {
+        self.push_texts(vec![job]);
+    }
+
+    /// Queues images together, so that a free worker finds all of them.
+    pub fn push_images(&self, jobs: Vec<Job<ImageInput>>) {
+        self.push(jobs, Modality::Image, |q| &mut q.images);
+    }
+
+    /// Queues texts together, so that a free worker finds all of them.
+    pub fn push_texts(&self, jobs: Vec<Job<TextInput>>) {
+        self.push(jobs, Modality::Text, |q| &mut q.texts);
+    }
+
+    fn push<T>(&self, jobs: Vec<Job<T>>, modality: Modality, queue: fn(&mut Queues) -> &mut VecDeque<Job<T>>) {
         let mut q = self.lock();
         if q.closed {
-            let _ = job.reply.send(Err(Error::Unavailable("server is shutting down".into())));
+            drop(q);
+            for job in jobs {
+                let _ = job.reply.send(Err(Error::Unavailable("server is shutting down".into())));
+            }
             return;
         }
-        q.texts.push_back(job);
+        let n = jobs.len();
+        let now = Instant::now();
+        queue(&mut q).extend(jobs.into_iter().map(|mut j| {
+            j.enqueued_at = now;
+            j
+        }));
         drop(q);
-        self.work.notify_one();
+        metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).increment(n as f64);
+        if n == 1 {
+            self.work.notify_one();
+        } else {
+            self.work.notify_all();
+        }
     }
 
     /// Items waiting, per modality.
@@ -244,12 +276,13 @@ impl Batcher {
             }
             let Queues { images, texts, stats, .. } = &mut *q;
             let batch = match modality {
-                Modality::Image => Batch::Images(take(images, max, stats)),
-                Modality::Text => Batch::Texts(take(texts, max, stats)),
+                Modality::Image => Batch::Images(take(images, max, stats, modality)),
+                Modality::Text => Batch::Texts(take(texts, max, stats, modality)),
             };
             if batch.is_empty() {
                 continue; // everything taken was stale; look again
             }
+            metrics::histogram!(m::BATCH_SIZE, "modality" => modality.as_str()).record(batch.len() as f64);
             stats.batches += 1;
             stats.largest_batch = stats.largest_batch.max(batch.len());
             return Some(batch);

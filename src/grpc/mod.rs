@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Admission, Engine, ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
+use crate::metrics as m;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
 
@@ -88,17 +89,10 @@ type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status
 #[tonic::async_trait]
 impl Embedder for EmbedderService {
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let deadline = deadline_from_metadata(request.metadata());
-        let results = run_request(&self.engine, request.into_inner(), deadline, Admission::Reject).await?;
-        let mut embeddings = Vec::with_capacity(results.len());
-        for (index, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(out) => embeddings.push(to_embedding(out)),
-                // One bad item fails the whole call, with the kind of its error.
-                Err((id, e)) => return Err(e.context(item_label(index, &id)).into()),
-            }
-        }
-        Ok(Response::new(pb::EmbedResponse { embeddings }))
+        let start = Instant::now();
+        let result = self.embed_unary(request).await;
+        record("Embed", start, result.as_ref().err().map_or(tonic::Code::Ok, |s| s.code()));
+        result
     }
 
     type EmbedStreamStream = EmbedStreamOut;
@@ -119,17 +113,26 @@ impl Embedder for EmbedderService {
                 .map(|message| {
                     let engine = engine.clone();
                     async move {
+                        let start = Instant::now();
                         let message = message?;
-                        Ok::<_, Status>(stream_answer(&engine, message, deadline).await)
+                        metrics::counter!(m::STREAM_MESSAGES).increment(1);
+                        let answer = stream_answer(&engine, message, deadline).await;
+                        record("EmbedStream", start, tonic::Code::Ok);
+                        Ok::<_, Status>(answer)
                     }
                 })
                 .buffered(window);
-            while let Some(answer) = answers.next().await {
+            loop {
+                let answer = tokio::select! {
+                    // The client has gone: dropping `answers` cancels the work in flight.
+                    _ = tx.closed() => break,
+                    answer = answers.next() => match answer {
+                        Some(a) => a,
+                        None => break,
+                    },
+                };
                 let end = answer.is_err();
-                if tx.send(answer).await.is_err() {
-                    break; // the client has gone: dropping `answers` cancels the work in flight
-                }
-                if end {
+                if tx.send(answer).await.is_err() || end {
                     break;
                 }
             }
@@ -139,6 +142,7 @@ impl Embedder for EmbedderService {
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.engine.info();
+        record("Info", Instant::now(), tonic::Code::Ok);
         Ok(Response::new(pb::InfoResponse {
             model_id: info.model_id.clone(),
             weights: info.weights.clone(),
@@ -148,6 +152,27 @@ impl Embedder for EmbedderService {
             context_length: info.context_length as i32,
             image_size: info.image_size as i32,
         }))
+    }
+}
+
+fn record(rpc: &'static str, start: Instant, code: tonic::Code) {
+    metrics::counter!(m::REQUESTS, "transport" => "grpc", "rpc" => rpc, "outcome" => m::outcome(code)).increment(1);
+    metrics::histogram!(m::REQUEST_DURATION, "transport" => "grpc", "rpc" => rpc).record(start.elapsed().as_secs_f64());
+}
+
+impl EmbedderService {
+    async fn embed_unary(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let deadline = deadline_from_metadata(request.metadata());
+        let results = run_request(&self.engine, request.into_inner(), deadline, Admission::Reject).await?;
+        let mut embeddings = Vec::with_capacity(results.len());
+        for (index, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(out) => embeddings.push(to_embedding(out)),
+                // One bad item fails the whole call, with the kind of its error.
+                Err((id, e)) => return Err(e.context(item_label(index, &id)).into()),
+            }
+        }
+        Ok(Response::new(pb::EmbedResponse { embeddings }))
     }
 }
 

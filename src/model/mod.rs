@@ -13,6 +13,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::batching::{Batch, Batcher, Job};
 use crate::error::Error;
+use crate::metrics as m;
 
 pub use manifest::Manifest;
 
@@ -90,7 +91,7 @@ impl Backend for TorchBackend {
 }
 
 /// Sends each job its embedding, or every job of the batch the batch's error.
-fn deliver<T>(jobs: Vec<Job<T>>, result: std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>) {
+fn deliver<T>(jobs: Vec<Job<T>>, result: std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>, modality: &'static str) {
     let error = match result {
         Ok(Ok(vectors)) if vectors.len() == jobs.len() => {
             for (job, v) in jobs.into_iter().zip(vectors) {
@@ -110,6 +111,7 @@ fn deliver<T>(jobs: Vec<Job<T>>, result: std::thread::Result<anyhow::Result<Vec<
         }
     };
     tracing::error!("{error}");
+    metrics::counter!(m::MODEL_FAILURES, "modality" => modality).increment(1);
     for job in jobs {
         let _ = job.reply.send(Err(Error::Internal(error.clone())));
     }
@@ -121,18 +123,30 @@ pub fn run_worker(batcher: &Batcher, backend: &mut dyn Backend) {
         match batch {
             Batch::Images(jobs) => {
                 let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.pixels.as_slice()).collect();
-                let result = catch_unwind(AssertUnwindSafe(|| backend.encode_images(&inputs)));
+                let result = timed("image", inputs.len(), || backend.encode_images(&inputs));
                 drop(inputs);
-                deliver(jobs, result);
+                deliver(jobs, result, "image");
             }
             Batch::Texts(jobs) => {
                 let inputs: Vec<&[i64]> = jobs.iter().map(|j| j.input.ids.as_slice()).collect();
-                let result = catch_unwind(AssertUnwindSafe(|| backend.encode_texts(&inputs)));
+                let result = timed("text", inputs.len(), || backend.encode_texts(&inputs));
                 drop(inputs);
-                deliver(jobs, result);
+                deliver(jobs, result, "text");
             }
         }
     }
+}
+
+/// Runs one forward pass, catching a panic, and records its duration and item count.
+fn timed<F>(modality: &'static str, items: usize, forward: F) -> std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>
+where
+    F: FnOnce() -> anyhow::Result<Vec<Vec<f32>>>,
+{
+    let start = std::time::Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(forward));
+    metrics::histogram!(m::INFERENCE_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
+    metrics::counter!(m::MODEL_ITEMS, "modality" => modality).increment(items as u64);
+    result
 }
 
 /// Where and how the model runs.

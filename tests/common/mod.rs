@@ -58,10 +58,33 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// The value of `sample` in Prometheus text, 0 when absent. Labels are matched as a set, in any order.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    let (name, labels) = split_sample(sample);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(s, _)| split_sample(s) == (name, labels.clone()))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+fn split_sample(s: &str) -> (&str, Vec<&str>) {
+    match s.split_once('{') {
+        Some((name, rest)) => {
+            let mut labels: Vec<&str> = rest.trim_end_matches('}').split(',').filter(|l| !l.is_empty()).collect();
+            labels.sort_unstable();
+            (name, labels)
+        }
+        None => (s, Vec::new()),
+    }
+}
+
 /// A `clipserve serve` child process, killed on drop.
 pub struct TestServer {
     child: Child,
     pub grpc_addr: String,
+    pub http_addr: String,
     pub log: mpsc::Receiver<String>,
     /// Lines printed up to and including the `listening` line.
     pub early_log: Vec<String>,
@@ -71,7 +94,7 @@ impl TestServer {
     /// Starts the server on `model` (CPU, port 0) with extra flags, and waits until health says SERVING.
     pub async fn start(model: &Path, extra: &[&str]) -> TestServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_clipserve"))
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--device", "cpu", "--model"])
+            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--device", "cpu", "--model"])
             .arg(model)
             .args(extra)
             .env("RUST_LOG", "info")
@@ -91,21 +114,38 @@ impl TestServer {
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut early_log = Vec::new();
-        let grpc_addr = loop {
+        let (grpc_addr, http_addr) = loop {
             let line = rx.recv_timeout(Duration::from_secs(60)).expect("server printed no `listening` line");
             early_log.push(line.clone());
             if let Some(rest) = line.strip_prefix("listening ") {
-                let addr = rest
-                    .split_whitespace()
-                    .find_map(|kv| kv.strip_prefix("grpc="))
-                    .expect("grpc= on the listening line");
-                break addr.to_string();
+                let field = |key: &str| {
+                    rest.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(key))
+                        .unwrap_or_else(|| panic!("{key} on the listening line"))
+                        .to_string()
+                };
+                break (field("grpc="), field("http="));
             }
             assert!(std::time::Instant::now() < deadline, "server did not start");
         };
-        let server = TestServer { child, grpc_addr, log: rx, early_log };
+        let server = TestServer { child, grpc_addr, http_addr, log: rx, early_log };
         server.wait_serving(Duration::from_secs(120)).await;
         server
+    }
+
+    /// `http://HOST:PORT` of the HTTP listener.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http_url())).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of one sample (`name{labels}` exactly as rendered, or a bare name), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
     }
 
     pub fn url(&self) -> String {

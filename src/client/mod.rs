@@ -1,0 +1,3 @@
+//! Clients: `clipserve bench` (load generator).
+
+pub mod bench;

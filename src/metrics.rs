@@ -1,0 +1,81 @@
+//! Prometheus metrics: names (with their units), buckets, and the recorder served on `GET /metrics`.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Calls answered, by `transport` (grpc, http), `rpc` and `outcome` (ok or the gRPC code's name).
+pub const REQUESTS: &str = "clipserve_requests_total";
+/// EmbedStream request messages taken from clients' streams for processing.
+pub const STREAM_MESSAGES: &str = "clipserve_stream_messages_total";
+/// Time from a call's arrival to its answer, by `transport` and `rpc`.
+pub const REQUEST_DURATION: &str = "clipserve_request_duration_seconds";
+/// Items waiting for a model worker, by `modality`.
+pub const QUEUE_DEPTH: &str = "clipserve_queue_depth";
+/// Items admitted and not yet answered (bounded by --max-queued-items).
+pub const ADMITTED_ITEMS: &str = "clipserve_admitted_items";
+/// Items per forward pass, by `modality`.
+pub const BATCH_SIZE: &str = "clipserve_batch_size";
+/// Time an item waited in its queue, by `modality`.
+pub const QUEUE_DURATION: &str = "clipserve_queue_duration_seconds";
+/// Decode + preprocess (images) or tokenize (texts) time per item, by `modality`.
+pub const PREPROCESS_DURATION: &str = "clipserve_preprocess_duration_seconds";
+/// Forward pass time per batch, by `modality`.
+pub const INFERENCE_DURATION: &str = "clipserve_inference_duration_seconds";
+/// Items that reached the model, by `modality`.
+pub const MODEL_ITEMS: &str = "clipserve_model_items_total";
+/// Items dropped before the model, by `reason` (deadline, cancelled).
+pub const DROPPED_ITEMS: &str = "clipserve_dropped_items_total";
+/// Batches that failed in the model (every item answered INTERNAL), by `modality`.
+pub const MODEL_FAILURES: &str = "clipserve_model_failures_total";
+/// 1 once the model is loaded and warmed up and the server is not draining, else 0.
+pub const READY: &str = "clipserve_ready";
+
+/// Installs the global recorder (once per process) and returns the handle that renders it.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let seconds: Vec<f64> = (0..20).map(|i| 0.0001 * 2f64.powi(i)).collect(); // 100us .. ~52s
+    let sizes: Vec<f64> = (0..11).map(|i| 2f64.powi(i)).collect(); // 1 .. 1024
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes)?
+        .install_recorder()?;
+    describe();
+    let upkeep = handle.clone();
+    std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        upkeep.run_upkeep();
+    })?;
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(REQUESTS, "Calls answered, by transport, rpc and outcome");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from a call's arrival to its answer");
+    describe_counter!(STREAM_MESSAGES, "EmbedStream messages taken for processing");
+    describe_gauge!(QUEUE_DEPTH, "Items waiting for a model worker, by modality");
+    describe_gauge!(ADMITTED_ITEMS, "Items admitted and not yet answered");
+    describe_histogram!(BATCH_SIZE, "Items per forward pass, by modality");
+    describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time an item waited in its queue");
+    describe_histogram!(PREPROCESS_DURATION, Unit::Seconds, "Decode and preprocess, or tokenize, per item");
+    describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Forward pass time per batch");
+    describe_counter!(MODEL_ITEMS, "Items that reached the model, by modality");
+    describe_counter!(DROPPED_ITEMS, "Items dropped before the model, by reason");
+    describe_counter!(MODEL_FAILURES, "Batches that failed in the model");
+    describe_gauge!(READY, "1 while the server accepts work");
+}
+
+/// The outcome label of a gRPC code: `ok`, `invalid_argument`, ...
+pub fn outcome(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        ResourceExhausted => "resource_exhausted",
+        Unavailable => "unavailable",
+        Internal => "internal",
+        _ => "other",
+    }
+}
