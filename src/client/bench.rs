@@ -39,7 +39,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub image: Option<PathBuf>,
 
-    /// Text sent as every text item; a counter is appended so texts differ.
+    /// Text sent as every text item; a number below 1000 is appended so texts differ.
     #[arg(long, default_value = "a photo of a cat")]
     pub text: String,
 
@@ -172,7 +172,11 @@ fn make_items(args: &BenchArgs, image: &Option<Arc<Vec<u8>>>, counter: u64) -> V
                 image: Some(Image::ImageBytes(image.as_ref().expect("image").as_ref().clone())),
                 text: None,
             },
-            Kind::Text => Item { id: i.to_string(), image: None, text: Some(format!("{} {counter}-{i}", args.text)) },
+            Kind::Text => Item {
+                id: i.to_string(),
+                image: None,
+                text: Some(format!("{} {}", args.text, (counter + i as u64) % 1000)),
+            },
         })
         .collect()
 }
