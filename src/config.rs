@@ -91,6 +91,31 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_STREAM_WINDOW", default_value_t = 16)]
     pub stream_window: usize,
 
+    /// Allow image URLs that resolve to loopback, private, link-local and other non-public addresses
+    /// (tests and closed networks only).
+    #[arg(long, env = "CLIPSERVE_ALLOW_PRIVATE_URLS")]
+    pub allow_private_urls: bool,
+
+    /// Address ranges image URLs may reach although they are not public, e.g. 10.1.2.0/24 (repeatable).
+    #[arg(long = "allow-url-cidr", env = "CLIPSERVE_ALLOW_URL_CIDR", value_delimiter = ',')]
+    pub allow_url_cidrs: Vec<ipnet::IpNet>,
+
+    /// Connect timeout for image URLs.
+    #[arg(long, env = "CLIPSERVE_URL_CONNECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub url_connect_timeout: Duration,
+
+    /// Total time allowed to fetch one image URL, redirects and body included.
+    #[arg(long, env = "CLIPSERVE_URL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub url_timeout: Duration,
+
+    /// Image URLs of one request fetched at once.
+    #[arg(long, env = "CLIPSERVE_URL_FETCH_CONCURRENCY", default_value_t = 8)]
+    pub url_fetch_concurrency: usize,
+
+    /// Largest HTTP request body, in bytes (larger ones get 413).
+    #[arg(long, env = "CLIPSERVE_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
+    pub max_request_bytes: usize,
+
     /// Threads decoding, preprocessing and tokenizing; 0 means one per core.
     #[arg(long, env = "CLIPSERVE_CPU_THREADS", default_value_t = 0)]
     pub cpu_threads: usize,

@@ -9,6 +9,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::batching::{Batcher, ImageInput, Job, Reply, TextInput};
 use crate::error::Error;
+use crate::inputs::fetch::UrlFetcher;
 use crate::inputs::image::{decode_base64, ImagePreprocessor};
 use crate::inputs::text::ClipTokenizer;
 use crate::metrics as m;
@@ -54,6 +55,8 @@ pub enum Admission {
 pub struct Limits {
     pub max_items_per_request: usize,
     pub max_queued_items: usize,
+    /// Image URLs of one request fetched at once.
+    pub url_fetch_concurrency: usize,
 }
 
 /// Describes the served model (for `Info` and the logs).
@@ -75,6 +78,7 @@ pub struct Engine {
     admission: Arc<Semaphore>,
     images: Arc<ImagePreprocessor>,
     tokenizer: Arc<ClipTokenizer>,
+    fetcher: Arc<UrlFetcher>,
     limits: Limits,
     ready: AtomicBool,
     draining: AtomicBool,
@@ -95,6 +99,7 @@ impl Engine {
         batcher: Arc<Batcher>,
         images: ImagePreprocessor,
         tokenizer: ClipTokenizer,
+        fetcher: UrlFetcher,
         limits: Limits,
         cpu_threads: usize,
         info: ModelInfo,
@@ -110,6 +115,7 @@ impl Engine {
             admission: Arc::new(Semaphore::new(limits.max_queued_items)),
             images: Arc::new(images),
             tokenizer: Arc::new(tokenizer),
+            fetcher: Arc::new(fetcher),
             limits,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -166,9 +172,10 @@ impl Engine {
         let _permit = self.admit(jobs, admission).await?;
 
         let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
-        let work = self.submit(items, deadline);
 
         let collect = async {
+            let items = self.fetch_urls(items).await;
+            let work = self.submit(items, deadline);
             let mut out = Vec::with_capacity(work.len());
             for (id, w) in ids.into_iter().zip(work) {
                 out.push(match w {
@@ -225,23 +232,32 @@ impl Engine {
         Ok(Some(AdmittedItems { _permit: permit, count: jobs }))
     }
 
+    /// Downloads the images given as URLs (at most `url_fetch_concurrency` at once), in item order.
+    async fn fetch_urls(&self, items: Vec<ItemInput>) -> Vec<Result<ItemInput, Error>> {
+        use futures::StreamExt;
+        let fetches = items.into_iter().map(|mut item| async move {
+            if let Some(ImageSource::Url(url)) = &item.image {
+                let bytes = self.fetcher.fetch(url).await.map_err(|e| e.context("image"))?;
+                item.image = Some(ImageSource::Bytes(bytes));
+            }
+            Ok(item)
+        });
+        futures::stream::iter(fetches).buffered(self.limits.url_fetch_concurrency.max(1)).collect().await
+    }
+
     /// Validates the items and hands their work to the CPU pool, which queues it for the model.
-    fn submit(&self, items: Vec<ItemInput>, deadline: Option<Instant>) -> Vec<ItemWork> {
+    fn submit(&self, items: Vec<Result<ItemInput, Error>>, deadline: Option<Instant>) -> Vec<ItemWork> {
         let mut images: Vec<(ImageSource, Reply)> = Vec::new();
         let mut texts: Vec<(String, Reply)> = Vec::new();
         let work = items
             .into_iter()
             .map(|item| {
-                match (&item.image, &item.text) {
-                    (None, None) => {
-                        return ItemWork::Failed(Error::InvalidArgument("item has neither an image nor a text".into()))
-                    }
-                    (Some(ImageSource::Url(_)), _) => {
-                        return ItemWork::Failed(Error::InvalidArgument(
-                            "image URLs are not supported by this server; send image_bytes or image_base64".into(),
-                        ))
-                    }
-                    _ => {}
+                let item = match item {
+                    Ok(item) => item,
+                    Err(e) => return ItemWork::Failed(e),
+                };
+                if item.image.is_none() && item.text.is_none() {
+                    return ItemWork::Failed(Error::InvalidArgument("item has neither an image nor a text".into()));
                 }
                 let image = item.image.map(|source| {
                     let (tx, rx) = oneshot::channel();
@@ -261,7 +277,7 @@ impl Engine {
             let pixels = match source {
                 ImageSource::Bytes(b) => pre.preprocess(&b),
                 ImageSource::Base64(s) => decode_base64(&s).and_then(|b| pre.preprocess(&b)),
-                ImageSource::Url(_) => Err(Error::InvalidArgument("image URLs are not supported".into())),
+                ImageSource::Url(_) => Err(Error::Internal("image URL was not fetched".into())),
             }?;
             Ok(ImageInput { pixels })
         };

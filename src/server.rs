@@ -10,6 +10,7 @@ use crate::batching::{Batcher, BatcherConfig};
 use crate::config::ServeArgs;
 use crate::engine::{Engine, Limits, ModelInfo};
 use crate::grpc::EmbedderService;
+use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
 use crate::model::{device, Manifest, ModelPool, PoolConfig};
@@ -57,8 +58,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_batch_texts: args.max_batch_texts.max(1),
         max_batch_delay: args.max_batch_delay,
     }));
-    let limits = Limits { max_items_per_request: args.max_items_per_request, max_queued_items: args.max_queued_items };
-    let engine = Arc::new(Engine::new(batcher.clone(), images, tokenizer, limits, args.cpu_threads, info)?);
+    let limits = Limits {
+        max_items_per_request: args.max_items_per_request,
+        max_queued_items: args.max_queued_items,
+        url_fetch_concurrency: args.url_fetch_concurrency,
+    };
+    let fetcher = UrlFetcher::new(FetchConfig {
+        policy: AddressPolicy { allow_private: args.allow_private_urls, allow: args.allow_url_cidrs.clone() },
+        connect_timeout: args.url_connect_timeout,
+        timeout: args.url_timeout,
+        max_bytes: args.max_image_bytes,
+    })?;
+    if args.allow_private_urls {
+        tracing::warn!("--allow-private-urls: image URLs may reach loopback and private networks");
+    }
+    let engine = Arc::new(Engine::new(batcher.clone(), images, tokenizer, fetcher, limits, args.cpu_threads, info)?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(args, engine, batcher, manifest, pool_config))
@@ -100,7 +114,11 @@ async fn serve(
             }),
     );
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::http::router(crate::http::HttpState { engine: engine.clone(), metrics });
+    let app = crate::http::router(crate::http::HttpState {
+        engine: engine.clone(),
+        metrics,
+        max_request_bytes: args.max_request_bytes,
+    });
     let mut http_server = tokio::spawn(async move {
         axum::serve(http_listener, app)
             .with_graceful_shutdown(async {

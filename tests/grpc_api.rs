@@ -153,7 +153,7 @@ async fn bad_items_fail_embed_with_invalid_argument_naming_the_item() {
         image("html", b"<html><body>not an image</body></html>".to_vec()),
         image("zero-bytes", Vec::new()),
         image("truncated-jpeg", truncated),
-        Item { id: "url".into(), image: Some(Image::ImageUrl("http://example.com/cat.jpg".into())), text: None },
+        Item { id: "url".into(), image: Some(Image::ImageUrl("http://127.0.0.1:9/cat.jpg".into())), text: None },
     ];
     for bad in cases {
         let id = bad.id.clone();

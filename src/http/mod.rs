@@ -1,31 +1,101 @@
-//! The HTTP listener: liveness, readiness and Prometheus metrics.
+//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests on the same batching path as gRPC,
+//! liveness, readiness and Prometheus metrics.
+
+pub mod azure;
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::engine::Engine;
+use crate::engine::{Admission, Engine};
+use crate::error::Error;
+use crate::metrics as m;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     pub engine: Arc<Engine>,
     pub metrics: PrometheusHandle,
+    /// Largest request body accepted (413 past it).
+    pub max_request_bytes: usize,
 }
 
 /// The routes of the HTTP listener.
 pub fn router(state: HttpState) -> Router {
+    let limit = state.max_request_bytes;
     Router::new()
         .route("/", get(live))
         .route("/health", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/score", post(score))
+        .route("/invocations", post(invocations))
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// An error as the gateway renders it: the status of API.md's table and `{"error": "..."}`.
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(serde_json::json!({ "error": self.message() }))).into_response()
+    }
+}
+
+async fn score(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
+    embed_frame(&state, body, &["input_data", "dataframe_split"], "score").await
+}
+
+async fn invocations(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
+    embed_frame(&state, body, &["dataframe_split", "input_data"], "invocations").await
+}
+
+async fn embed_frame(
+    state: &HttpState,
+    body: Result<Bytes, BytesRejection>,
+    frame_keys: &[&str],
+    rpc: &'static str,
+) -> Response {
+    let start = Instant::now();
+    let result = run_frame(state, body, frame_keys).await;
+    let response = match result {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => e.into_response(),
+    };
+    let status = response.status();
+    let outcome = if status.is_success() { "ok" } else { status.as_str() };
+    metrics::counter!(m::REQUESTS, "transport" => "http", "rpc" => rpc, "outcome" => outcome.to_string()).increment(1);
+    metrics::histogram!(m::REQUEST_DURATION, "transport" => "http", "rpc" => rpc).record(start.elapsed().as_secs_f64());
+    response
+}
+
+async fn run_frame(
+    state: &HttpState,
+    body: Result<Bytes, BytesRejection>,
+    frame_keys: &[&str],
+) -> Result<Vec<azure::ScoreRow>, Error> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::TooLarge(format!("request body exceeds the limit of {} bytes", state.max_request_bytes))
+        } else {
+            Error::InvalidArgument(format!("cannot read the request body: {rejection}"))
+        }
+    })?;
+    let request = azure::parse(&body, frame_keys)?;
+    let results = state.engine.embed(request.items, request.normalize, None, Admission::Reject).await?;
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(row, r)| r.map(azure::ScoreRow::from).map_err(|e| e.context(format!("row {row}"))))
+        .collect()
 }
 
 /// Liveness: 200 while the process serves.

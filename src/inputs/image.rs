@@ -26,6 +26,11 @@ pub struct RgbImage {
 const SUPPORTED: [ImageFormat; 5] =
     [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp];
 
+/// True for the formats clipserve decodes (JPEG, PNG, WebP, GIF, BMP).
+pub fn is_supported(format: ImageFormat) -> bool {
+    SUPPORTED.contains(&format)
+}
+
 /// Preprocessing parameters and limits, from the model manifest and the server flags.
 #[derive(Debug, Clone)]
 pub struct ImagePreprocessor {

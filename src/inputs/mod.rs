@@ -1,5 +1,6 @@
 //! Turning request inputs into model inputs: image decoding and preprocessing, base64, tokenizing.
 
+pub mod fetch;
 pub mod image;
 pub mod resample;
 pub mod text;
