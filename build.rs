@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .codec_path("crate::grpc::codec::ClipCodec")
         .file_descriptor_set_path(out_dir.join("clipserve_descriptor.bin"))
         .compile_protos(&["proto/clipserve/v1/clipserve.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -116,6 +116,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
 
+    /// Require this API key: `Authorization: Bearer KEY` on /score and /invocations, `authorization: Bearer KEY`
+    /// metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
+    #[arg(long, env = "CLIPSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// Threads decoding, preprocessing and tokenizing; 0 means one per core.
     #[arg(long, env = "CLIPSERVE_CPU_THREADS", default_value_t = 0)]
     pub cpu_threads: usize,

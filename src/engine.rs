@@ -13,6 +13,7 @@ use crate::inputs::fetch::UrlFetcher;
 use crate::inputs::image::{decode_base64, ImagePreprocessor};
 use crate::inputs::text::ClipTokenizer;
 use crate::metrics as m;
+use crate::model::WorkerHealth;
 
 /// Where an item's image comes from.
 #[derive(Debug, Clone)]
@@ -71,6 +72,21 @@ pub struct ModelInfo {
     pub image_size: u32,
 }
 
+/// What an [`Engine`] is made of.
+pub struct EngineParts {
+    /// The queues the model workers take batches from.
+    pub batcher: Arc<Batcher>,
+    pub images: ImagePreprocessor,
+    pub tokenizer: ClipTokenizer,
+    pub fetcher: UrlFetcher,
+    pub limits: Limits,
+    /// Threads of the CPU pool; 0 means one per core.
+    pub cpu_threads: usize,
+    pub info: ModelInfo,
+    /// The model workers' health, for readiness.
+    pub workers: Arc<WorkerHealth>,
+}
+
 /// The shared request path.
 pub struct Engine {
     batcher: Arc<Batcher>,
@@ -82,6 +98,7 @@ pub struct Engine {
     limits: Limits,
     ready: AtomicBool,
     draining: AtomicBool,
+    workers: Arc<WorkerHealth>,
     info: ModelInfo,
 }
 
@@ -94,16 +111,9 @@ enum ItemWork {
 }
 
 impl Engine {
-    /// An engine feeding `batcher`; `cpu_threads` = 0 means one per core.
-    pub fn new(
-        batcher: Arc<Batcher>,
-        images: ImagePreprocessor,
-        tokenizer: ClipTokenizer,
-        fetcher: UrlFetcher,
-        limits: Limits,
-        cpu_threads: usize,
-        info: ModelInfo,
-    ) -> anyhow::Result<Self> {
+    /// An engine feeding the batcher of `parts`.
+    pub fn new(parts: EngineParts) -> anyhow::Result<Self> {
+        let EngineParts { batcher, images, tokenizer, fetcher, limits, cpu_threads, info, workers } = parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
         let cpu = rayon::ThreadPoolBuilder::new()
             .num_threads(cpu_threads)
@@ -119,6 +129,7 @@ impl Engine {
             limits,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            workers,
             info,
         })
     }
@@ -131,18 +142,27 @@ impl Engine {
     /// Marks the model loaded and warmed up.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
-        metrics::gauge!(m::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
     }
 
-    /// True once the model is loaded and warmed up, until draining starts.
+    /// True once the model is loaded and warmed up, while at least one model worker is able to run batches, until
+    /// draining starts.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.is_draining() && self.workers.healthy() > 0
+    }
+
+    /// True once graceful shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Refuses new work from now on (graceful shutdown); work already admitted completes.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        metrics::gauge!(m::READY).set(0.0);
+    }
+
+    /// Items admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.limits.max_queued_items - self.admission.available_permits()
     }
 
     /// Embeds `items`. The outer error concerns the whole request (not ready, too many items, over capacity);
@@ -155,8 +175,10 @@ impl Engine {
         admission: Admission,
     ) -> Result<Vec<Result<ItemOutput, Error>>, Error> {
         if !self.is_ready() {
-            return Err(if self.draining.load(Ordering::SeqCst) {
+            return Err(if self.is_draining() {
                 Error::Unavailable("server is shutting down".into())
+            } else if self.ready.load(Ordering::SeqCst) {
+                Error::Unavailable("no model worker is available right now".into())
             } else {
                 Error::Unavailable("model is not loaded yet".into())
             });

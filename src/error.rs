@@ -1,4 +1,5 @@
-//! One error type for every request path, and the one table that maps it to gRPC codes and HTTP statuses.
+//! One error type for every request path, and the one table that maps it to gRPC codes and HTTP statuses; and
+//! the API key check both transports share.
 
 use tonic::Code;
 
@@ -23,6 +24,9 @@ pub enum Error {
     /// The model failed.
     #[error("{0}")]
     Internal(String),
+    /// Missing or wrong API key.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 impl Error {
@@ -34,6 +38,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
         }
     }
 
@@ -46,6 +51,7 @@ impl Error {
             Error::Unavailable(_) => 503,
             Error::DeadlineExceeded(_) => 504,
             Error::Internal(_) => 500,
+            Error::Unauthenticated(_) => 401,
         }
     }
 
@@ -59,6 +65,7 @@ impl Error {
             Error::Unavailable(m) => Error::Unavailable(wrap(m)),
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(wrap(m)),
             Error::Internal(m) => Error::Internal(wrap(m)),
+            Error::Unauthenticated(m) => Error::Unauthenticated(wrap(m)),
         }
     }
 
@@ -70,7 +77,8 @@ impl Error {
             | Error::Overloaded(m)
             | Error::Unavailable(m)
             | Error::DeadlineExceeded(m)
-            | Error::Internal(m) => m,
+            | Error::Internal(m)
+            | Error::Unauthenticated(m) => m,
         }
     }
 }
@@ -81,8 +89,51 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// The optional API key: a bearer token on HTTP, `authorization` metadata on gRPC.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<std::sync::Arc<str>>);
+
+impl ApiKey {
+    /// `None` (or an empty key) leaves the API open.
+    pub fn new(key: Option<String>) -> Self {
+        ApiKey(key.filter(|k| !k.is_empty()).map(Into::into))
+    }
+
+    /// Checks an `authorization` value (`Bearer KEY`, or the bare key), in constant time for keys of the right
+    /// length.
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), Error> {
+        use subtle::ConstantTimeEq;
+        let Some(key) = &self.0 else { return Ok(()) };
+        let given = authorization.map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim()).unwrap_or("");
+        if given.as_bytes().ct_eq(key.as_bytes()).into() {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("missing or invalid API key".into()))
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ApiKey(set)" } else { "ApiKey(none)" })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn api_key() {
+        use super::ApiKey;
+        assert!(ApiKey::new(None).check(None).is_ok());
+        assert!(ApiKey::new(Some(String::new())).check(None).is_ok());
+        let k = ApiKey::new(Some("s3cret".into()));
+        assert!(k.check(Some("Bearer s3cret")).is_ok());
+        assert!(k.check(Some("s3cret")).is_ok());
+        assert!(k.check(Some("Bearer s3cre")).is_err());
+        assert!(k.check(Some("Bearer s3cret!")).is_err());
+        assert!(k.check(None).is_err());
+    }
+
     use super::*;
 
     #[test]
@@ -94,6 +145,7 @@ mod tests {
             (Error::Unavailable("x".into()), Code::Unavailable, 503),
             (Error::DeadlineExceeded("x".into()), Code::DeadlineExceeded, 504),
             (Error::Internal("x".into()), Code::Internal, 500),
+            (Error::Unauthenticated("x".into()), Code::Unauthenticated, 401),
         ];
         for (e, code, http) in cases {
             assert_eq!(e.grpc_code(), code);

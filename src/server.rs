@@ -1,19 +1,23 @@
 //! `clipserve serve`: wires the model, the engine and the gRPC service together, and runs them until a signal.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::batching::{Batcher, BatcherConfig};
 use crate::config::ServeArgs;
-use crate::engine::{Engine, Limits, ModelInfo};
+use crate::engine::{Engine, EngineParts, Limits, ModelInfo};
+use crate::error::ApiKey;
+use crate::grpc::api_key_interceptor;
 use crate::grpc::EmbedderService;
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
-use crate::model::{device, Manifest, ModelPool, PoolConfig};
+use crate::model::{device, Manifest, ModelPool, PoolConfig, WorkerHealth};
 use crate::pb;
 use crate::pb::embedder_server::EmbedderServer;
 
@@ -72,10 +76,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.allow_private_urls {
         tracing::warn!("--allow-private-urls: image URLs may reach loopback and private networks");
     }
-    let engine = Arc::new(Engine::new(batcher.clone(), images, tokenizer, fetcher, limits, args.cpu_threads, info)?);
+    let workers = Arc::new(WorkerHealth::default());
+    let engine = Arc::new(Engine::new(EngineParts {
+        batcher: batcher.clone(),
+        images,
+        tokenizer,
+        fetcher,
+        limits,
+        cpu_threads: args.cpu_threads,
+        info,
+        workers: workers.clone(),
+    })?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve(args, engine, batcher, manifest, pool_config))
+    runtime.block_on(serve(args, engine, batcher, manifest, pool_config, workers))
 }
 
 async fn serve(
@@ -84,6 +98,7 @@ async fn serve(
     batcher: Arc<Batcher>,
     manifest: Manifest,
     pool_config: PoolConfig,
+    workers: Arc<WorkerHealth>,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::install()?;
     metrics::gauge!(crate::metrics::READY).set(0.0);
@@ -99,41 +114,45 @@ async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let embedder = EmbedderServer::new(EmbedderService::new(engine.clone(), args.stream_window))
-        .max_decoding_message_size(args.max_message_bytes)
-        .max_encoding_message_size(args.max_message_bytes);
+    let api_key = ApiKey::new(args.api_key.clone());
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let embedder = InterceptedService::new(
+        EmbedderServer::new(EmbedderService::new(engine.clone(), args.stream_window, closing_rx))
+            .max_decoding_message_size(args.max_message_bytes)
+            .max_encoding_message_size(args.max_message_bytes),
+        api_key_interceptor(api_key.clone()),
+    );
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(embedder)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            ),
     );
-    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = crate::http::router(crate::http::HttpState {
         engine: engine.clone(),
         metrics,
         max_request_bytes: args.max_request_bytes,
+        api_key,
     });
-    let mut http_server = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stop_rx.await;
-            })
-            .await
-    });
+    let mut http_server =
+        tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
     // The one line scripts and tests look for.
     eprintln!("listening grpc={grpc_addr} http={http_addr}");
     tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), "serving; loading the model");
 
     // Load and warm up the model off the runtime; health turns SERVING once every worker is ready.
     let loading = {
-        let batcher = batcher.clone();
-        tokio::task::spawn_blocking(move || ModelPool::start(&pool_config, &manifest, batcher))
+        let (batcher, workers) = (batcher.clone(), workers.clone());
+        tokio::task::spawn_blocking(move || ModelPool::start(&pool_config, &manifest, batcher, workers))
     };
     let pool = tokio::select! {
         loaded = loading => loaded.context("model loader")?.context("loading the model")?,
@@ -143,15 +162,34 @@ async fn serve(
         }
     };
     engine.set_ready();
-    health.set_serving::<EmbedderServer<EmbedderService>>().await;
     let info = engine.info();
     tracing::info!(
         model_id = %info.model_id, weights = %info.weights, device = %info.device, dtype = %info.dtype,
         "ready"
     );
+    // Health follows the engine: SERVING while it accepts work (workers alive, not draining).
+    let reporter = {
+        let (engine, health) = (engine.clone(), health.clone());
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let serving = engine.is_ready();
+                if last != Some(serving) {
+                    if serving {
+                        health.set_serving::<EmbedderServer<EmbedderService>>().await;
+                    } else {
+                        health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
+                    }
+                    metrics::gauge!(crate::metrics::READY).set(if serving { 1.0 } else { 0.0 });
+                    last = Some(serving);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
 
     tokio::select! {
-        result = &mut server => {
+        result = &mut grpc_server => {
             result.context("gRPC server task")?.context("gRPC server")?;
             anyhow::bail!("gRPC server stopped unexpectedly");
         }
@@ -161,23 +199,32 @@ async fn serve(
         }
         _ = shutdown_signal() => {}
     }
-    tracing::info!(timeout = ?args.shutdown_timeout, "shutting down: refusing new work, finishing what is in flight");
+
+    // Graceful shutdown: not ready at once (listeners stay open so probes see 503 / NOT_SERVING and new work gets
+    // UNAVAILABLE), admitted work finishes and is delivered, then open streams end and the listeners close.
+    let deadline = tokio::time::Instant::now() + args.shutdown_timeout;
+    tracing::info!(timeout = ?args.shutdown_timeout, in_flight = engine.in_flight(), "shutting down: draining");
     engine.start_draining();
+    reporter.abort();
     health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
-    let _ = stop_tx.send(());
-    let _ = http_stop_tx.send(());
-    let both = async {
-        let _ = (&mut server).await;
+    metrics::gauge!(crate::metrics::READY).set(0.0);
+    while engine.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = closing_tx.send(true);
+    let _ = stop_tx.send(true);
+    let servers = async {
+        let _ = (&mut grpc_server).await;
         let _ = (&mut http_server).await;
     };
-    if tokio::time::timeout(args.shutdown_timeout, both).await.is_err() {
-        tracing::warn!("shutdown timeout reached with calls still open; exiting anyway");
-        server.abort();
+    if tokio::time::timeout_at(deadline, servers).await.is_err() {
+        tracing::warn!(in_flight = engine.in_flight(), "shutdown timeout reached with calls still open; exiting");
+        grpc_server.abort();
         http_server.abort();
     }
     batcher.close();
     let join = tokio::task::spawn_blocking(move || pool.join());
-    let _ = tokio::time::timeout(args.shutdown_timeout, join).await;
+    let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), join).await;
     tracing::info!("stopped");
     Ok(())
 }

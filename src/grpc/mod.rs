@@ -1,5 +1,7 @@
 //! The tonic service: protobuf <-> domain conversion, `Embed`, `EmbedStream`, `Info`.
 
+pub mod codec;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +21,25 @@ use crate::pb::embedder_server::Embedder;
 pub struct EmbedderService {
     engine: Arc<Engine>,
     stream_window: usize,
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl EmbedderService {
-    /// A service over `engine`, holding at most `stream_window` messages of one stream in flight.
-    pub fn new(engine: Arc<Engine>, stream_window: usize) -> Self {
-        EmbedderService { engine, stream_window: stream_window.max(1) }
+    /// A service over `engine`, holding at most `stream_window` messages of one stream in flight. When `closing`
+    /// turns true, open streams stop reading, finish the messages they hold, and end.
+    pub fn new(engine: Arc<Engine>, stream_window: usize, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        EmbedderService { engine, stream_window: stream_window.max(1), closing }
+    }
+}
+
+/// The gRPC side of the API key: checks the `authorization` metadata of every Embedder call.
+pub fn api_key_interceptor(
+    key: crate::error::ApiKey,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |request: Request<()>| {
+        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        key.check(value)?;
+        Ok(request)
     }
 }
 
@@ -105,11 +120,17 @@ impl Embedder for EmbedderService {
         let inbound = request.into_inner();
         let engine = self.engine.clone();
         let window = self.stream_window;
+        let mut closing = self.closing.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::EmbedResponse, Status>>(window);
         tokio::spawn(async move {
+            // On shutdown the stream stops reading; what it already holds is answered, then it ends.
+            let closed = Box::pin(async move {
+                let _ = closing.wait_for(|c| *c).await;
+            });
             // `buffered` keeps at most `window` messages in flight and yields their answers in order; it reads
             // no further from the client while the window is full (backpressure through HTTP/2 flow control).
             let mut answers = inbound
+                .take_until(closed)
                 .map(|message| {
                     let engine = engine.clone();
                     async move {

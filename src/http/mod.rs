@@ -26,20 +26,38 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     /// Largest request body accepted (413 past it).
     pub max_request_bytes: usize,
+    /// Checked on the scoring routes.
+    pub api_key: crate::error::ApiKey,
 }
 
 /// The routes of the HTTP listener.
 pub fn router(state: HttpState) -> Router {
     let limit = state.max_request_bytes;
+    let scoring = Router::new()
+        .route("/score", post(score))
+        .route("/invocations", post(invocations))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(limit));
     Router::new()
         .route("/", get(live))
         .route("/health", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/score", post(score))
-        .route("/invocations", post(invocations))
-        .layer(DefaultBodyLimit::max(limit))
+        .merge(scoring)
         .with_state(state)
+}
+
+/// Rejects scoring requests without the API key (when one is configured) before their body is read.
+async fn authorize(
+    State(state): State<HttpState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match state.api_key.check(header) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// An error as the gateway renders it: the status of API.md's table and `{"error": "..."}`.

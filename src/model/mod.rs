@@ -5,13 +5,14 @@ pub mod manifest;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::batching::{Batch, Batcher, Job};
+use crate::batching::{Batch, Batcher, ImageInput, Job, TextInput};
 use crate::error::Error;
 use crate::metrics as m;
 
@@ -90,63 +91,148 @@ impl Backend for TorchBackend {
     }
 }
 
-/// Sends each job its embedding, or every job of the batch the batch's error.
-fn deliver<T>(jobs: Vec<Job<T>>, result: std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>, modality: &'static str) {
-    let error = match result {
+/// What a forward pass left behind.
+type Outcome = std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>;
+
+/// True for a CUDA out-of-memory failure, which a smaller batch may avoid.
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("out of memory") || text.contains("CUDA_ERROR_OUT_OF_MEMORY")
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `jobs` through `forward` and answers each of them. A CUDA out-of-memory failure is retried in halves
+/// before it fails; any other failure fails exactly these jobs with INTERNAL. Returns true if `forward` panicked
+/// (the backend may be left in a bad state and should be replaced).
+fn run_jobs<T, F>(jobs: Vec<Job<T>>, modality: &'static str, forward: &mut F) -> bool
+where
+    F: FnMut(&[Job<T>]) -> anyhow::Result<Vec<Vec<f32>>>,
+{
+    let start = std::time::Instant::now();
+    let outcome: Outcome = catch_unwind(AssertUnwindSafe(|| forward(&jobs)));
+    metrics::histogram!(m::INFERENCE_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
+    let (message, panicked) = match outcome {
         Ok(Ok(vectors)) if vectors.len() == jobs.len() => {
+            metrics::counter!(m::MODEL_ITEMS, "modality" => modality).increment(jobs.len() as u64);
             for (job, v) in jobs.into_iter().zip(vectors) {
                 let _ = job.reply.send(Ok(v));
             }
-            return;
+            return false;
         }
-        Ok(Ok(vectors)) => format!("model returned {} embeddings for {} inputs", vectors.len(), jobs.len()),
-        Ok(Err(e)) => format!("model failure: {e:#}"),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            format!("model worker panicked: {what}")
+        Ok(Err(e)) if jobs.len() > 1 && is_out_of_memory(&e) => {
+            tracing::warn!(batch = jobs.len(), "out of memory; retrying the batch in halves");
+            let mut first = jobs;
+            let second = first.split_off(first.len() / 2);
+            let a = run_jobs(first, modality, forward);
+            let b = run_jobs(second, modality, forward);
+            return a || b;
         }
+        Ok(Ok(vectors)) => (format!("model returned {} embeddings for {} inputs", vectors.len(), jobs.len()), false),
+        Ok(Err(e)) => (format!("model failure: {e:#}"), false),
+        Err(panic) => (format!("model worker panicked: {}", panic_text(panic.as_ref())), true),
     };
-    tracing::error!("{error}");
+    tracing::error!(batch = jobs.len(), "{message}");
     metrics::counter!(m::MODEL_FAILURES, "modality" => modality).increment(1);
     for job in jobs {
-        let _ = job.reply.send(Err(Error::Internal(error.clone())));
+        let _ = job.reply.send(Err(Error::Internal(message.clone())));
+    }
+    panicked
+}
+
+/// Runs one batch on `backend`; true if the backend panicked.
+fn run_batch(batch: Batch, backend: &mut dyn Backend) -> bool {
+    match batch {
+        Batch::Images(jobs) => run_jobs(jobs, "image", &mut |jobs: &[Job<ImageInput>]| {
+            let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.pixels.as_slice()).collect();
+            backend.encode_images(&inputs)
+        }),
+        Batch::Texts(jobs) => run_jobs(jobs, "text", &mut |jobs: &[Job<TextInput>]| {
+            let inputs: Vec<&[i64]> = jobs.iter().map(|j| j.input.ids.as_slice()).collect();
+            backend.encode_texts(&inputs)
+        }),
     }
 }
 
-/// The worker loop: takes batches until the batcher is closed and drained.
-pub fn run_worker(batcher: &Batcher, backend: &mut dyn Backend) {
+/// Workers able to run batches, shared with the health reporting.
+#[derive(Debug, Default)]
+pub struct WorkerHealth {
+    healthy: AtomicUsize,
+}
+
+impl WorkerHealth {
+    /// Model workers currently able to run batches.
+    pub fn healthy(&self) -> usize {
+        self.healthy.load(Ordering::SeqCst)
+    }
+}
+
+/// How a worker gets a fresh backend after a panic.
+pub type BackendFactory = Box<dyn FnMut() -> anyhow::Result<Box<dyn Backend>> + Send>;
+
+/// Attempts at replacing a backend after a panic before the worker gives up.
+const RELOAD_ATTEMPTS: u32 = 3;
+
+/// The worker loop: takes batches until the batcher is closed and drained. After a panic the backend is
+/// replaced (the worker counts as unhealthy meanwhile); if it cannot be replaced, the worker keeps answering
+/// its batches with INTERNAL so that nothing queued waits forever.
+pub fn run_worker(
+    batcher: &Batcher,
+    mut backend: Box<dyn Backend>,
+    mut factory: BackendFactory,
+    health: &WorkerHealth,
+) {
+    health.healthy.fetch_add(1, Ordering::SeqCst);
     while let Some(batch) = batcher.next_batch() {
-        match batch {
-            Batch::Images(jobs) => {
-                let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.pixels.as_slice()).collect();
-                let result = timed("image", inputs.len(), || backend.encode_images(&inputs));
-                drop(inputs);
-                deliver(jobs, result, "image");
+        if !run_batch(batch, backend.as_mut()) {
+            continue;
+        }
+        health.healthy.fetch_sub(1, Ordering::SeqCst);
+        tracing::error!("model worker panicked: replacing its model instance");
+        let mut replaced = None;
+        for attempt in 1..=RELOAD_ATTEMPTS {
+            match factory() {
+                Ok(b) => {
+                    replaced = Some(b);
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(attempt, "reloading the model failed: {e:#}");
+                    std::thread::sleep(std::time::Duration::from_millis(500 * attempt as u64));
+                }
             }
-            Batch::Texts(jobs) => {
-                let inputs: Vec<&[i64]> = jobs.iter().map(|j| j.input.ids.as_slice()).collect();
-                let result = timed("text", inputs.len(), || backend.encode_texts(&inputs));
-                drop(inputs);
-                deliver(jobs, result, "text");
+        }
+        match replaced {
+            Some(b) => {
+                backend = b;
+                health.healthy.fetch_add(1, Ordering::SeqCst);
+                tracing::info!("model worker replaced its model instance");
+            }
+            None => {
+                tracing::error!("model worker cannot reload its model; failing its batches");
+                fail_forever(batcher);
+                return;
             }
         }
     }
+    health.healthy.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// Runs one forward pass, catching a panic, and records its duration and item count.
-fn timed<F>(modality: &'static str, items: usize, forward: F) -> std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>
-where
-    F: FnOnce() -> anyhow::Result<Vec<Vec<f32>>>,
-{
-    let start = std::time::Instant::now();
-    let result = catch_unwind(AssertUnwindSafe(forward));
-    metrics::histogram!(m::INFERENCE_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
-    metrics::counter!(m::MODEL_ITEMS, "modality" => modality).increment(items as u64);
-    result
+/// Answers every batch INTERNAL until the batcher closes.
+fn fail_forever(batcher: &Batcher) {
+    let message = || Error::Internal("model worker failed and could not be restarted".into());
+    while let Some(batch) = batcher.next_batch() {
+        match batch {
+            Batch::Images(jobs) => jobs.into_iter().for_each(|j| drop(j.reply.send(Err(message())))),
+            Batch::Texts(jobs) => jobs.into_iter().for_each(|j| drop(j.reply.send(Err(message())))),
+        }
+    }
 }
 
 /// Where and how the model runs.
@@ -182,7 +268,12 @@ pub struct ModelPool {
 impl ModelPool {
     /// Starts every worker, each loading and warming up its own model instance; returns once all are ready, or
     /// with the first failure.
-    pub fn start(config: &PoolConfig, manifest: &Manifest, batcher: Arc<Batcher>) -> anyhow::Result<ModelPool> {
+    pub fn start(
+        config: &PoolConfig,
+        manifest: &Manifest,
+        batcher: Arc<Batcher>,
+        health: Arc<WorkerHealth>,
+    ) -> anyhow::Result<ModelPool> {
         anyhow::ensure!(config.workers_per_device > 0, "--workers-per-device must be at least 1");
         if config.torch_threads > 0 {
             tch::set_num_threads(config.torch_threads as i32);
@@ -192,24 +283,27 @@ impl ModelPool {
         for &device in &config.devices {
             for index in 0..config.workers_per_device {
                 let name = format!("model-{}-{index}", device::device_name(device));
-                let (config, manifest, batcher, ready) =
-                    (config.clone(), manifest.clone(), batcher.clone(), ready_tx.clone());
+                let (config, manifest, batcher, ready, health) =
+                    (config.clone(), manifest.clone(), batcher.clone(), ready_tx.clone(), health.clone());
                 let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
                     // Grad mode is per thread: this thread only ever runs inference.
                     let _no_grad = tch::no_grad_guard();
-                    let loaded = TorchBackend::load(&config.model_dir, &manifest, device, config.half_on(device))
-                        .and_then(|mut b| warm_up(&mut b, &manifest).map(|_| b));
-                    let mut backend = match loaded {
+                    let mut factory: BackendFactory = Box::new(move || {
+                        let mut b = TorchBackend::load(&config.model_dir, &manifest, device, config.half_on(device))?;
+                        warm_up(&mut b, &manifest)?;
+                        Ok(Box::new(b) as Box<dyn Backend>)
+                    });
+                    let backend = match factory() {
                         Ok(b) => b,
                         Err(e) => {
                             let _ = ready.send(Err(e.context(format!("worker {name}"))));
                             return;
                         }
                     };
-                    tracing::info!(worker = %name, dtype = config.dtype_on(device), "model worker ready");
+                    tracing::info!(worker = %name, "model worker ready");
                     let _ = ready.send(Ok(()));
                     drop(ready);
-                    run_worker(&batcher, &mut backend);
+                    run_worker(&batcher, backend, factory, &health);
                 })?;
                 handles.push(handle);
             }
@@ -231,7 +325,7 @@ impl ModelPool {
 
 /// One forward pass per modality, so the first request does not pay for lazy initialisation, and a check that
 /// the model's output has the size the manifest promises.
-fn warm_up(backend: &mut TorchBackend, manifest: &Manifest) -> anyhow::Result<()> {
+fn warm_up(backend: &mut dyn Backend, manifest: &Manifest) -> anyhow::Result<()> {
     let s = manifest.image_size as usize;
     let pixels = vec![0f32; 3 * s * s];
     let images = backend.encode_images(&[&pixels, &pixels])?;
@@ -255,8 +349,12 @@ mod tests {
     use std::time::Duration;
     use tokio::sync::oneshot;
 
-    /// Embeds each text as [sum of ids, batch size]; fails batches holding id 666; panics on id 999.
-    struct Mock;
+    /// Embeds each text as [sum of ids, batch size]; fails batches holding id 666; panics on id 999; reports CUDA
+    /// out of memory for text batches larger than `max_texts`.
+    struct Mock {
+        max_texts: usize,
+    }
+
     impl Backend for Mock {
         fn encode_images(&mut self, images: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>> {
             Ok(images.iter().map(|p| vec![p.iter().sum(), images.len() as f32]).collect())
@@ -266,31 +364,49 @@ mod tests {
                 panic!("boom");
             }
             anyhow::ensure!(!texts.iter().any(|t| t.contains(&666)), "bad batch");
+            if texts.len() > self.max_texts {
+                anyhow::bail!("CUDA out of memory. Tried to allocate 2.00 GiB");
+            }
             Ok(texts.iter().map(|t| vec![t.iter().sum::<i64>() as f32, texts.len() as f32]).collect())
         }
     }
 
-    fn batcher() -> Arc<Batcher> {
+    fn batcher(max: usize) -> Arc<Batcher> {
         Arc::new(Batcher::new(BatcherConfig {
-            max_batch_images: 16,
-            max_batch_texts: 16,
+            max_batch_images: max,
+            max_batch_texts: max,
             max_batch_delay: Duration::ZERO,
         }))
     }
 
+    fn send_text(b: &Batcher, ids: Vec<i64>) -> oneshot::Receiver<Result<Vec<f32>, Error>> {
+        let (tx, rx) = oneshot::channel();
+        b.push_text(Job::new(TextInput { ids }, None, tx));
+        rx
+    }
+
+    /// Runs a worker over everything queued (the batcher must be closed), counting backend replacements.
+    fn work(b: &Batcher, max_texts: usize, reloads_fail: bool) -> (usize, usize) {
+        let health = WorkerHealth::default();
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let factory: BackendFactory = Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            anyhow::ensure!(!reloads_fail, "no model today");
+            Ok(Box::new(Mock { max_texts }) as Box<dyn Backend>)
+        });
+        run_worker(b, Box::new(Mock { max_texts }), factory, &health);
+        (made.load(Ordering::SeqCst), health.healthy())
+    }
+
     #[test]
     fn queued_items_share_a_batch_and_each_gets_its_own_result() {
-        let b = batcher();
-        let mut rxs = Vec::new();
-        for i in 0..5i64 {
-            let (tx, rx) = oneshot::channel();
-            b.push_text(Job::new(TextInput { ids: vec![i, 10] }, None, tx));
-            rxs.push(rx);
-        }
+        let b = batcher(16);
+        let rxs: Vec<_> = (0..5i64).map(|i| send_text(&b, vec![i, 10])).collect();
         let (tx, img_rx) = oneshot::channel();
         b.push_image(Job::new(ImageInput { pixels: vec![1.5, 2.5] }, None, tx));
         b.close();
-        run_worker(&b, &mut Mock);
+        work(&b, 64, false);
         for (i, rx) in rxs.into_iter().enumerate() {
             assert_eq!(rx.blocking_recv().unwrap().unwrap(), vec![i as f32 + 10.0, 5.0]);
         }
@@ -298,22 +414,44 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_or_panicking_batch_fails_only_its_items_and_the_worker_goes_on() {
-        // One item per batch, so each of the three runs on its own.
-        let b =
-            Batcher::new(BatcherConfig { max_batch_images: 1, max_batch_texts: 1, max_batch_delay: Duration::ZERO });
-        let send = |ids: Vec<i64>| {
-            let (tx, rx) = oneshot::channel();
-            b.push_text(Job::new(TextInput { ids }, None, tx));
-            rx
-        };
-        let bad = send(vec![666]);
-        let panicking = send(vec![999]);
-        let good = send(vec![1]);
+    fn a_failing_batch_fails_only_its_items_and_a_panic_replaces_the_backend() {
+        let b = batcher(1); // one item per batch
+        let bad = send_text(&b, vec![666]);
+        let panicking = send_text(&b, vec![999]);
+        let good = send_text(&b, vec![1]);
         b.close();
-        run_worker(&b, &mut Mock);
+        let (replacements, healthy_after) = work(&b, 64, false);
         assert!(matches!(bad.blocking_recv().unwrap(), Err(Error::Internal(m)) if m.contains("bad batch")));
         assert!(matches!(panicking.blocking_recv().unwrap(), Err(Error::Internal(m)) if m.contains("panicked")));
         assert_eq!(good.blocking_recv().unwrap().unwrap(), vec![1.0, 1.0]);
+        assert_eq!(replacements, 1, "the panicking backend is replaced once");
+        assert_eq!(healthy_after, 0, "the worker has stopped");
+    }
+
+    #[test]
+    fn out_of_memory_retries_in_halves() {
+        let b = batcher(64);
+        let rxs: Vec<_> = (0..10i64).map(|i| send_text(&b, vec![i])).collect();
+        b.close();
+        work(&b, 3, false); // batches of more than 3 run out of memory
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let v = rx.blocking_recv().unwrap().unwrap();
+            assert_eq!(v[0], i as f32);
+            assert!(v[1] <= 3.0, "ran in a batch of {}", v[1]);
+        }
+    }
+
+    #[test]
+    fn a_worker_that_cannot_reload_still_answers_everything() {
+        let b = batcher(1);
+        let panicking = send_text(&b, vec![999]);
+        let later: Vec<_> = (0..3).map(|i| send_text(&b, vec![i])).collect();
+        b.close();
+        let (attempts, _) = work(&b, 64, true);
+        assert_eq!(attempts, RELOAD_ATTEMPTS as usize);
+        assert!(panicking.blocking_recv().unwrap().is_err());
+        for rx in later {
+            assert!(matches!(rx.blocking_recv().unwrap(), Err(Error::Internal(_))), "queued items are answered");
+        }
     }
 }
