@@ -16,5 +16,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => clipserve::server::run(args),
         Command::Bench(args) => clipserve::client::bench::run(args),
+        Command::Embed(args) => clipserve::client::embed::run(args),
     }
 }

@@ -1,3 +1,4 @@
-//! Clients: `clipserve bench` (load generator).
+//! Clients: `clipserve embed` (bulk embedding) and `clipserve bench` (load generator).
 
 pub mod bench;
+pub mod embed;
