@@ -188,3 +188,56 @@ async fn jsonl_input_with_texts_and_npy_output() {
     assert_eq!(failed, HashSet::from(["c".to_string(), "d".to_string()]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_output_holds_the_same_embeddings() {
+    use arrow_array::{Array, Float32Array, ListArray, StringArray};
+    let server = TestServer::start(&model_dir("tiny"), &[]).await;
+    let dir = temp_dir("bulk-parquet");
+    let input = dir.join("input.jsonl");
+    std::fs::copy(fixtures_dir().join("images/gray_300x300.png"), dir.join("g.png")).unwrap();
+    std::fs::write(&input, "{\"id\": \"x\", \"image\": \"g.png\"}\n{\"id\": \"y\", \"text\": \"a dog\"}\n").unwrap();
+    let output = dir.join("out.parquet");
+    let status = Command::new(env!("CARGO_BIN_EXE_clipserve"))
+        .args(["embed", "--no-progress", "--format", "parquet", "--server", &server.url(), "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let file = std::fs::File::open(&output).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+    let b = &batches[0];
+    let ids = b.column_by_name("id").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+    let images = b.column_by_name("image_features").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+    let texts = b.column_by_name("text_features").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+    let mut client = server.client().await;
+    for row in 0..2 {
+        let (image, text) = match ids.value(row) {
+            "x" => (Some(Image::ImageBytes(std::fs::read(dir.join("g.png")).unwrap())), None),
+            "y" => (None, Some("a dog".to_string())),
+            other => panic!("unexpected id {other}"),
+        };
+        let want = client
+            .embed(EmbedRequest { items: vec![Item { id: "w".into(), image, text }], normalize: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .embeddings
+            .remove(0);
+        let (column, want, other) = if ids.value(row) == "x" {
+            (images, want.image_features, texts)
+        } else {
+            (texts, want.text_features, images)
+        };
+        assert!(other.is_null(row), "only the asked-for modality is present");
+        let values = column.value(row);
+        let got = values.as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec();
+        assert_eq!(got.len(), 512);
+        assert!(cosine(&got, &want) > 0.99999);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,6 +32,9 @@ pub enum Format {
     Jsonl,
     /// A folder with image_embeddings.npy + image_ids.txt and text_embeddings.npy + text_ids.txt.
     Npy,
+    /// A Parquet file with columns id (string), image_features and text_features (list<float32>, null where the
+    /// item had no such input).
+    Parquet,
 }
 
 /// Flags of `clipserve embed`.
@@ -46,7 +49,7 @@ pub struct EmbedArgs {
     #[arg(long)]
     pub input: PathBuf,
 
-    /// Output: a .jsonl file (jsonl), or a folder (npy).
+    /// Output: a .jsonl file (jsonl), a folder (npy), or a .parquet file (parquet).
     #[arg(long)]
     pub output: PathBuf,
 
@@ -423,12 +426,14 @@ fn journal_path(args: &EmbedArgs) -> PathBuf {
     match args.format {
         Format::Jsonl => args.output.clone(),
         Format::Npy => args.output.join("embeddings.jsonl"),
+        // Results accumulate beside the Parquet file, which is written from them at the end.
+        Format::Parquet => args.output.with_extension("journal.jsonl"),
     }
 }
 
 fn errors_path(args: &EmbedArgs) -> PathBuf {
     args.errors.clone().unwrap_or_else(|| match args.format {
-        Format::Jsonl => args.output.with_extension("errors.jsonl"),
+        Format::Jsonl | Format::Parquet => args.output.with_extension("errors.jsonl"),
         Format::Npy => args.output.join("errors.jsonl"),
     })
 }
@@ -539,9 +544,47 @@ async fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     progress.finish();
     eprintln!("embedded {ok}, failed {failed} (see {}), written to {}", errors.display(), journal.display());
     anyhow::ensure!(unfinished == 0, "{unfinished} items were left unsent: every server stayed unreachable");
-    if args.format == Format::Npy {
-        write_npy(&journal, &args.output)?;
+    match args.format {
+        Format::Jsonl => {}
+        Format::Npy => write_npy(&journal, &args.output)?,
+        Format::Parquet => write_parquet(&journal, &args.output)?,
     }
+    Ok(())
+}
+
+/// Writes the journal's records as one Parquet file (snappy-compressed).
+fn write_parquet(journal: &Path, path: &Path) -> anyhow::Result<()> {
+    use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder};
+    use arrow_array::{ArrayRef, RecordBatch};
+    let mut ids = StringBuilder::new();
+    let mut images = ListBuilder::new(Float32Builder::new());
+    let mut texts = ListBuilder::new(Float32Builder::new());
+    for line in std::io::BufReader::new(std::fs::File::open(journal)?).lines() {
+        let Ok(r) = serde_json::from_str::<Record>(&line?) else { continue };
+        ids.append_value(&r.id);
+        for (v, column) in [(r.image_features, &mut images), (r.text_features, &mut texts)] {
+            match v {
+                Some(v) => {
+                    column.values().append_slice(&v);
+                    column.append(true);
+                }
+                None => column.append(false),
+            }
+        }
+    }
+    let batch = RecordBatch::try_from_iter([
+        ("id", Arc::new(ids.finish()) as ArrayRef),
+        ("image_features", Arc::new(images.finish()) as ArrayRef),
+        ("text_features", Arc::new(texts.finish()) as ArrayRef),
+    ])?;
+    let tmp = path.with_extension("parquet.tmp");
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&tmp)?, batch.schema(), Some(props))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
