@@ -101,7 +101,12 @@ async fn serve(
     workers: Arc<WorkerHealth>,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::install()?;
+    // Gauges exist from the start (an autoscaler reads queue depth before the first request).
     metrics::gauge!(crate::metrics::READY).set(0.0);
+    metrics::gauge!(crate::metrics::ADMITTED_ITEMS).set(0.0);
+    for modality in ["image", "text"] {
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "modality" => modality).set(0.0);
+    }
     let listener = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let http_listener =

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs each cargo-fuzz target (fuzz/fuzz_targets) for a set time and reports executions and findings.
+# Not part of CI. Usage: deploy/fuzz.sh [SECONDS_PER_TARGET (default 120)] [TARGET...]
+# Needs the project set up (deploy/setup.sh) and cargo-fuzz (installed here if missing). cargo-fuzz needs
+# nightly-only compiler flags; with the stable toolchain RUSTC_BOOTSTRAP=1 allows them.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$CLIPSERVE_ROOT"
+seconds="${1:-120}"; shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(image_preprocess base64_decode score_parse)
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+export RUSTC_BOOTSTRAP=1
+# Seed the image target with the test images when they exist (deploy/test.sh makes them).
+if [ -d target/test-fixtures/images ]; then
+  mkdir -p fuzz/corpus/image_preprocess
+  cp -n target/test-fixtures/images/* fuzz/corpus/image_preprocess/ 2>/dev/null || true
+fi
+status=0
+for t in "${targets[@]}"; do
+  log="fuzz/$t.log"
+  echo "== $t: ${seconds}s"
+  # -rss_limit_mb: libtorch is linked in; -max_len: big enough for real images.
+  if cargo fuzz run --release "$t" -- -max_total_time="$seconds" -rss_limit_mb=4096 -max_len=262144 \
+       -print_final_stats=1 >"$log" 2>&1; then
+    echo "   no crash; $(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}') executions," \
+         "$(grep -E '^stat::average_exec_per_sec' "$log" | awk '{print $2}')/s," \
+         "corpus $(ls "fuzz/corpus/$t" 2>/dev/null | wc -l) inputs"
+  else
+    status=1
+    echo "   FINDING: see $log and fuzz/artifacts/$t/"
+    grep -E 'panicked|ERROR: AddressSanitizer|deadly signal|out-of-memory|timeout' "$log" | head -5 | sed 's/^/   /'
+  fi
+done
+exit $status

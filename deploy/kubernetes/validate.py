@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Validates the clipserve Kubernetes manifests offline.
+
+Every YAML document of every manifest is checked against the Kubernetes OpenAPI schemas for one fixed
+Kubernetes version, in strict mode (unknown fields are errors, so a misspelt `readinesProbe` fails). The schemas
+ship inside the kubernetes-validate package (pinned in deploy/requirements.txt); nothing is fetched.
+
+On top of the schemas, the manifests are checked against each other: every object carries the label
+app.kubernetes.io/name=clipserve, the Services and the PodDisruptionBudget select the Deployment's pods, the
+HorizontalPodAutoscaler targets that Deployment, probes and Service target ports name ports the container
+declares, and a directory's kustomization.yaml lists exactly the manifests beside it.
+
+    .venv/bin/python deploy/kubernetes/validate.py                 # the manifests beside this script
+    .venv/bin/python deploy/kubernetes/validate.py FILE_OR_DIR...  # others (a directory: its *.yaml, *.yml)
+
+Exit status 0 when everything passes, 1 when anything fails (each problem is printed), 2 on a usage error.
+kustomization.yaml is not a Kubernetes API object: it is not schema-checked, only compared with its directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KUBERNETES_VERSION = "1.30"
+APP_LABEL = ("app.kubernetes.io/name", "clipserve")
+KUSTOMIZATION_NAMES = {"kustomization.yaml", "kustomization.yml", "Kustomization"}
+HERE = Path(__file__).resolve().parent
+
+
+class Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def manifest_files(paths: list[Path], problems: Problems) -> tuple[list[Path], list[Path]]:
+    """(manifests, kustomization files) named by `paths`; a directory contributes its *.yaml and *.yml files."""
+    manifests: list[Path] = []
+    kustomizations: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
+            if not files:
+                problems.add(str(path), "no *.yaml or *.yml files in this directory")
+        elif path.is_file():
+            files = [path]
+        else:
+            problems.add(str(path), "no such file or directory")
+            continue
+        for f in files:
+            (kustomizations if f.name in KUSTOMIZATION_NAMES else manifests).append(f)
+    return manifests, kustomizations
+
+
+def load_documents(path: Path, problems: Problems) -> list[dict[str, Any]]:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        problems.add(str(path), f"cannot be read as YAML: {e}")
+        return []
+    if not docs:
+        problems.add(str(path), "holds no Kubernetes object")
+    good = []
+    for i, doc in enumerate(docs):
+        where = f"{path} (document {i + 1})"
+        if not isinstance(doc, dict):
+            problems.add(where, f"is a {type(doc).__name__}, not a Kubernetes object")
+        elif not isinstance(doc.get("apiVersion"), str) or not isinstance(doc.get("kind"), str):
+            problems.add(where, "has no apiVersion and kind")
+        elif not isinstance(doc.get("metadata"), dict) or not doc["metadata"].get("name"):
+            problems.add(where, "has no metadata.name")
+        else:
+            good.append(doc)
+    return good
+
+
+def describe(path: Path, doc: dict[str, Any]) -> str:
+    return f"{path}: {doc['kind']}/{doc['metadata']['name']}"
+
+
+def all_schema_errors(doc: dict[str, Any], version: str, first: Exception) -> list[str]:
+    """Every schema error of `doc`, not only the first one that kubernetes_validate.validate raises. Uses the same
+    packaged schema files as that function; falls back to the first error if their layout is not the expected one."""
+    try:
+        import jsonschema
+        from kubernetes_validate import utils
+        from referencing import Registry, Resource
+
+        full = [v for v in utils.all_versions() if utils.major_minor(v) <= utils.major_minor(version)][-1]
+        folder = f"kubernetes-json-schema/v{full}-local-strict"
+        group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
+        schema = utils.schema_contents(f"{folder}/{doc['kind'].lower()}-{group_version}.json", version)
+        definitions = utils.schema_contents(f"{folder}/_definitions.json", version)
+        registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+        validator = jsonschema.validators.Draft202012Validator(schema, registry=registry)
+        errors = sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.path])
+        found = [f"at {'.'.join(str(p) for p in e.path) or '(top level)'}: {e.message}" for e in errors]
+        if found:
+            return found
+    except Exception:  # only the detail of the report depends on this
+        pass
+    at = ".".join(str(p) for p in getattr(first, "path", [])) or "(top level)"
+    return [f"at {at}: {getattr(first, 'message', first)}"]
+
+
+def schema_check(path: Path, doc: dict[str, Any], version: str, problems: Problems) -> bool:
+    import kubernetes_validate
+    from kubernetes_validate import utils
+
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+        return True
+    except utils.ValidationError as e:
+        for error in all_schema_errors(doc, version, e):
+            problems.add(describe(path, doc), f"does not match the Kubernetes {version} schema {error}")
+    except utils.SchemaNotFoundError as e:
+        problems.add(describe(path, doc), f"unknown to Kubernetes {version}: {e.message}")
+    except utils.VersionNotSupportedError:
+        raise SystemExit(f"kubernetes-validate {utils.__version__} has no schemas for Kubernetes {version}")
+    return False
+
+
+def labels_match(selector: dict[str, Any] | None, labels: dict[str, Any]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_template_labels(deployment: dict[str, Any]) -> dict[str, Any]:
+    return (deployment["spec"]["template"].get("metadata") or {}).get("labels") or {}
+
+
+def container_ports(deployment: dict[str, Any]) -> tuple[set[str], set[int]]:
+    names: set[str] = set()
+    numbers: set[int] = set()
+    for c in deployment["spec"]["template"]["spec"].get("containers", []):
+        for p in c.get("ports", []):
+            numbers.add(p["containerPort"])
+            if "name" in p:
+                names.add(p["name"])
+    return names, numbers
+
+
+def port_declared(port: Any, ports: tuple[set[str], set[int]]) -> bool:
+    return port in ports[0] if isinstance(port, str) else port in ports[1]
+
+
+def cross_check(objects: list[tuple[Path, dict[str, Any]]], problems: Problems) -> None:
+    key, value = APP_LABEL
+    for path, doc in objects:
+        if (doc["metadata"].get("labels") or {}).get(key) != value:
+            problems.add(describe(path, doc), f"lacks the label {key}: {value}")
+
+    deployments = [(p, d) for p, d in objects if d["kind"] == "Deployment"]
+    for path, d in deployments:
+        pod_labels = pod_template_labels(d)
+        if pod_labels.get(key) != value:
+            problems.add(describe(path, d), f"pod template lacks the label {key}: {value}")
+        if not labels_match(d["spec"]["selector"].get("matchLabels"), pod_labels):
+            problems.add(describe(path, d), "selector.matchLabels does not match the pod template labels")
+        ports = container_ports(d)
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(probe_name) or {}
+                for handler in ("grpc", "httpGet", "tcpSocket"):
+                    if handler in probe and not port_declared(probe[handler]["port"], ports):
+                        problems.add(
+                            describe(path, d),
+                            f"{c['name']}.{probe_name}.{handler}.port {probe[handler]['port']!r} is not a declared port",
+                        )
+    if not deployments:
+        return
+    pod_label_sets = [pod_template_labels(d) for _, d in deployments]
+    names = {d["metadata"]["name"] for _, d in deployments}
+
+    for path, doc in objects:
+        kind, spec = doc["kind"], doc.get("spec") or {}
+        if kind == "Service":
+            selected = [i for i, labels in enumerate(pod_label_sets) if labels_match(spec.get("selector"), labels)]
+            if not selected:
+                problems.add(describe(path, doc), "selector matches no Deployment's pods")
+            for port in spec.get("ports", []):
+                target = port.get("targetPort", port.get("port"))
+                if selected and not any(port_declared(target, container_ports(deployments[i][1])) for i in selected):
+                    problems.add(describe(path, doc), f"targetPort {target!r} is not a port of the selected pods")
+        elif kind == "PodDisruptionBudget":
+            match = (spec.get("selector") or {}).get("matchLabels")
+            if not any(labels_match(match, labels) for labels in pod_label_sets):
+                problems.add(describe(path, doc), "selector matches no Deployment's pods")
+        elif kind == "HorizontalPodAutoscaler":
+            ref = spec.get("scaleTargetRef") or {}
+            if ref.get("kind") != "Deployment" or ref.get("name") not in names:
+                problems.add(describe(path, doc), f"scaleTargetRef {ref} names no Deployment here")
+
+
+def check_kustomization(path: Path, problems: Problems) -> None:
+    try:
+        k = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        problems.add(str(path), f"cannot be read as YAML: {e}")
+        return
+    listed = k.get("resources") or []
+    for r in listed:
+        if not (path.parent / r).exists():
+            problems.add(str(path), f"lists {r}, which does not exist")
+    beside = {p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml") and p.name not in KUSTOMIZATION_NAMES}
+    for name in sorted(beside - set(listed)):
+        problems.add(str(path), f"does not list {name}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", type=Path, help=f"manifest files or directories (default: {HERE})")
+    parser.add_argument("--kubernetes-version", default=KUBERNETES_VERSION, help="default: %(default)s")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only problems and the summary")
+    args = parser.parse_args()
+
+    problems = Problems()
+    manifests, kustomizations = manifest_files(args.paths or [HERE], problems)
+    objects: list[tuple[Path, dict[str, Any]]] = []
+    for path in manifests:
+        for doc in load_documents(path, problems):
+            if schema_check(path, doc, args.kubernetes_version, problems):
+                # Only schema-valid objects are compared with each other: their required fields are there.
+                objects.append((path, doc))
+                if not args.quiet:
+                    print(f"ok   {describe(path, doc)} (Kubernetes {args.kubernetes_version} schema, strict)")
+    cross_check(objects, problems)
+    for k in kustomizations:
+        check_kustomization(k, problems)
+        if not args.quiet:
+            print(f"ok   {k}: kustomization (not a Kubernetes object; its resources were compared with its folder)")
+
+    for p in problems.items:
+        print(f"FAIL {p}", file=sys.stderr)
+    if problems.items:
+        print(f"{len(problems.items)} problem(s) in the manifests", file=sys.stderr)
+        return 1
+    print(f"{len(objects)} objects in {len(manifests)} files valid for Kubernetes {args.kubernetes_version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
