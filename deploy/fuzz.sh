@@ -11,6 +11,9 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(image_preprocess base64_decode score_parse)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
+# The fuzz binaries link libtorch (through the clipserve library) without the server binary's rpath.
+LD_LIBRARY_PATH="$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
 # Seed the image target with the test images when they exist (deploy/test.sh makes them).
 if [ -d target/test-fixtures/images ]; then
   mkdir -p fuzz/corpus/image_preprocess
