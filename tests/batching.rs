@@ -77,7 +77,16 @@ async fn an_expired_deadline_never_reaches_the_model() {
     };
     let mut c = client.clone();
     let blocking = tokio::spawn(async move { c.embed(blocker).await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Wait until the images' forward pass has begun (their batch is formed just before it).
+    let mut started = false;
+    for _ in 0..400 {
+        if server.metric(r#"clipserve_batch_size_count{modality="image"}"#).await >= 1.0 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started, "the blocking batch never started");
     // These texts are queued at once but can only run once the worker is free, after their deadline.
     let texts_before = server.metric(r#"clipserve_model_items_total{modality="text"}"#).await;
     let items = (0..8).map(|i| Item { id: i.to_string(), image: None, text: Some(format!("late {i}")) });

@@ -197,6 +197,12 @@ async fn invalid_utf8_and_huge_texts_are_client_errors() {
 async fn shutdown_finishes_work_in_flight_and_exits_in_time() {
     let server = TestServer::start(&model_dir("vit-b32"), &["--shutdown-timeout", "20s"]).await;
     let client = server.client().await;
+    // A stream left open by its client: it must not hold the shutdown up.
+    let (tx, rx) = tokio::sync::mpsc::channel::<EmbedRequest>(4);
+    tx.send(request(vec![text("s", "streamed")])).await.unwrap();
+    let mut c = client.clone();
+    let mut stream = c.embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(stream.next().await.unwrap().is_ok());
     let jpeg = image_bytes("landscape_640x480.jpg");
     let calls: Vec<_> = (0..8)
         .map(|i| {
@@ -205,15 +211,17 @@ async fn shutdown_finishes_work_in_flight_and_exits_in_time() {
             tokio::spawn(async move { c.embed(request(items)).await })
         })
         .collect();
-    // A stream left open by its client: it must not hold the shutdown up.
-    let (tx, rx) = tokio::sync::mpsc::channel::<EmbedRequest>(4);
-    tx.send(request(vec![text("s", "streamed")])).await.unwrap();
-    let mut c = client.clone();
-    let mut stream = c.embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    assert!(stream.next().await.unwrap().is_ok());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let in_flight = server.metric("clipserve_admitted_items").await;
-    assert!(in_flight > 0.0, "nothing in flight to test with");
+    // Wait until all 32 images are admitted (a loaded machine can take a while to get them there); one forward
+    // pass over them takes over a second on this CPU, so they are still in flight.
+    let mut in_flight = 0.0;
+    for _ in 0..200 {
+        in_flight = server.metric("clipserve_admitted_items").await;
+        if in_flight >= 32.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(in_flight, 32.0, "the 8 calls of 4 images were not all admitted");
 
     let started = Instant::now();
     server.signal(libc::SIGTERM);
