@@ -216,15 +216,6 @@ impl Batcher {
         }
     }
 
-    /// Items waiting, per modality.
-    pub fn depth(&self, modality: Modality) -> usize {
-        let q = self.lock();
-        match modality {
-            Modality::Image => q.images.len(),
-            Modality::Text => q.texts.len(),
-        }
-    }
-
     /// A copy of the counters.
     pub fn stats(&self) -> BatcherStats {
         self.lock().stats.clone()

@@ -68,11 +68,6 @@ pub fn decode_base64(text: &str) -> Result<Vec<u8>, Error> {
 }
 
 impl ImagePreprocessor {
-    /// Values per preprocessed image: `3 * size * size`.
-    pub fn tensor_len(&self) -> usize {
-        3 * (self.size as usize) * (self.size as usize)
-    }
-
     /// Decodes an encoded image into RGB, enforcing the byte, format and pixel limits before decoding.
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, Error> {
         if bytes.is_empty() {
