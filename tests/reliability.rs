@@ -39,7 +39,8 @@ fn rss_mib(pid: u32) -> f64 {
 async fn overload_at_ten_times_the_queue_answers_every_call() {
     let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "8"]).await;
     let client = server.client().await;
-    let jpeg = image_bytes("landscape_640x480.jpg");
+    // A large JPEG takes tens of milliseconds to decode, so admitted calls hold the queue while the rest arrive.
+    let jpeg = image_bytes("large_2000x1500.jpg");
     // 80 calls of 1 item over gRPC and 20 over HTTP against a queue of 8.
     let grpc = (0..80).map(|i| {
         let mut c = client.clone();
