@@ -117,9 +117,7 @@ async fn a_thousand_images_through_two_servers() {
             .collect();
         let direct = client.embed(EmbedRequest { items, normalize: false }).await.unwrap().into_inner();
         for e in direct.embeddings {
-            let bulk = &by_id[&e.id];
-            let diff = bulk.iter().zip(&e.image_features).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-4 && cosine(bulk, &e.image_features) > 0.99999, "{}: differs by {diff}", e.id);
+            assert_close(&by_id[&e.id], &e.image_features, &e.id);
         }
     }
 

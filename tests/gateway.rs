@@ -48,12 +48,6 @@ fn floats(v: &Value) -> Vec<f32> {
     v.as_array().expect("a list of numbers").iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
-fn assert_close(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    assert!(diff < 1e-4 && cosine(a, b) > 0.99999, "{what}: max abs difference {diff}");
-}
-
 fn error_of(body: &Value) -> &str {
     body["error"].as_str().unwrap_or_else(|| panic!("no error field in {body}"))
 }

@@ -25,16 +25,6 @@ fn request(items: Vec<Item>) -> EmbedRequest {
     EmbedRequest { items, normalize: false }
 }
 
-/// Equal up to the float noise of running in a different batch.
-fn assert_close(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
-    if a.is_empty() {
-        return;
-    }
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    assert!(diff < 1e-4 && cosine(a, b) > 0.99999, "{what}: max abs difference {diff}");
-}
-
 fn norm(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
 }

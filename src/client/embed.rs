@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::inputs::fetch::is_http_url;
 use crate::pb::{embedder_client::EmbedderClient, item::Image, EmbedRequest, Item};
 
 /// Output format.
@@ -129,10 +130,9 @@ struct Failure {
 const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
 
 fn image_ref(s: &str, base: &Path) -> ImageRef {
-    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
-    if lower.starts_with("http://") || lower.starts_with("https://") {
+    if is_http_url(s) {
         ImageRef::Url(s.to_string())
-    } else if lower.starts_with("data:") {
+    } else if s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")) {
         ImageRef::Base64(s.to_string())
     } else {
         let p = Path::new(s);

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::engine::{ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
+use crate::inputs::fetch::is_http_url;
 
 /// A parsed request: one item per row, in row order.
 #[derive(Debug)]
@@ -105,14 +106,9 @@ pub fn parse(body: &[u8], frame_keys: &[&str]) -> Result<ScoreRequest, Error> {
                 Some(_) => Err(bad(format!("row {r}: the {name} value must be a string"))),
             }
         };
-        let image = cell(image_col, "image")?.map(|s| {
-            let lower = s.get(..8).unwrap_or(&s).to_ascii_lowercase();
-            if lower.starts_with("http://") || lower.starts_with("https://") {
-                ImageSource::Url(s)
-            } else {
-                ImageSource::Base64(s)
-            }
-        });
+        let image =
+            cell(image_col, "image")?
+                .map(|s| if is_http_url(&s) { ImageSource::Url(s) } else { ImageSource::Base64(s) });
         let text = cell(text_col, "text")?;
         let id = match index.map(|ix| &ix[r]) {
             Some(Value::String(s)) => s.clone(),

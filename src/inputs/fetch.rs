@@ -93,6 +93,13 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])) // discard-only 100::/64
 }
 
+/// True for a value that names an `http://` or `https://` URL (scheme matched case-insensitively), as opposed to
+/// base64 or a file path.
+pub fn is_http_url(s: &str) -> bool {
+    let head = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    head.starts_with("http://") || head.starts_with("https://")
+}
+
 /// The address a URL's host names literally, if it is an IP literal.
 fn literal_ip(url: &Url) -> Option<IpAddr> {
     match url.host()? {

@@ -80,6 +80,17 @@ fn split_sample(s: &str) -> (&str, Vec<&str>) {
     }
 }
 
+/// Equal up to the float noise of running in a different batch: max abs difference < 1e-4 and cosine > 0.99999
+/// (two empty vectors are equal).
+pub fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    if a.is_empty() {
+        return;
+    }
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4 && cosine(a, b) > 0.99999, "{what}: max abs difference {diff}");
+}
+
 /// A `clipserve serve` child process, killed on drop.
 pub struct TestServer {
     child: Child,
