@@ -85,6 +85,14 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
 
+    /// Most scans a JPEG may have (progressive JPEGs have about 10; decoding cost grows with scans x pixels).
+    #[arg(long, env = "CLIPSERVE_MAX_JPEG_SCANS", default_value_t = 100)]
+    pub max_jpeg_scans: u32,
+
+    /// Longest item id, in bytes (INVALID_ARGUMENT beyond it).
+    #[arg(long, env = "CLIPSERVE_MAX_ID_BYTES", default_value_t = 1024)]
+    pub max_id_bytes: usize,
+
     /// Longest text, in characters (texts are truncated to the model's 77 tokens anyway).
     #[arg(long, env = "CLIPSERVE_MAX_TEXT_CHARS", default_value_t = 16_384)]
     pub max_text_chars: usize,
@@ -109,6 +117,16 @@ pub struct ServeArgs {
     /// Total time allowed to fetch one image URL, redirects and body included.
     #[arg(long, env = "CLIPSERVE_URL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub url_timeout: Duration,
+
+    /// Total time allowed for all the image URLs of one request (each URL also has --url-timeout).
+    #[arg(long, env = "CLIPSERVE_URL_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub url_request_timeout: Duration,
+
+    /// Bytes of request data held at once across all connections: HTTP bodies being read and parsed, gRPC
+    /// messages and stream messages waiting for the queue, fetched image bodies. Streams wait (backpressure)
+    /// and unary calls get RESOURCE_EXHAUSTED / 429 (MEMORY_BUDGET_EXHAUSTED) past it.
+    #[arg(long, env = "CLIPSERVE_MEMORY_BUDGET_BYTES", default_value_t = 1 << 30)]
+    pub memory_budget_bytes: usize,
 
     /// Image URLs of one request fetched at once.
     #[arg(long, env = "CLIPSERVE_URL_FETCH_CONCURRENCY", default_value_t = 8)]

@@ -5,15 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
-use crate::batching::{Batcher, ImageInput, Job, Reply, TextInput};
-use crate::error::Error;
+use crate::batching::{AdmissionControl, Batcher, BudgetPermit, MemoryBudget, Reply, Ticket};
+use crate::error::{Error, Reason};
 use crate::inputs::fetch::UrlFetcher;
-use crate::inputs::image::{decode_base64, ImagePreprocessor};
+use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
-use crate::metrics as m;
 use crate::model::WorkerHealth;
+use crate::prepare::{PrepareContext, Preparer, RequestWork, Unit, UnitInput};
 
 /// Where an item's image comes from.
 #[derive(Debug, Clone)]
@@ -42,22 +42,38 @@ pub struct ItemOutput {
     pub text_features: Option<Vec<f32>>,
 }
 
-/// What to do when the queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Answer RESOURCE_EXHAUSTED at once (unary calls).
-    Reject,
-    /// Wait for room (streams: backpressure instead of errors).
-    Wait,
-}
+pub use crate::batching::Admission;
 
 /// Limits enforced before any expensive work.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_items_per_request: usize,
     pub max_queued_items: usize,
+    /// Longest item id, in bytes.
+    pub max_id_bytes: usize,
     /// Image URLs of one request fetched at once.
     pub url_fetch_concurrency: usize,
+    /// Time allowed for all the image URLs of one request.
+    pub url_request_timeout: std::time::Duration,
+    /// Bytes of request data held at once (bodies, messages, fetched images), across all connections.
+    pub memory_budget_bytes: usize,
+}
+
+/// How one call is run.
+pub struct EmbedOptions {
+    /// Unit-length vectors instead of raw projections.
+    pub normalize: bool,
+    /// When the caller stops waiting.
+    pub deadline: Option<Instant>,
+    /// Reject at once or wait when the queue is full.
+    pub admission: Admission,
+    /// Answer as soon as one item fails (unary calls, where one bad item fails the call), instead of waiting for
+    /// every item's result (streams).
+    pub fail_fast: bool,
+    /// The request's bytes held against the memory budget, released once its inputs are prepared.
+    pub budget: BudgetPermit,
+    /// Names an item in errors from its index and id (gRPC: `item 3 (id "a")`, HTTP: `row 3`).
+    pub item_label: fn(usize, &str) -> String,
 }
 
 /// Describes the served model (for `Info` and the logs).
@@ -89,11 +105,9 @@ pub struct EngineParts {
 
 /// The shared request path.
 pub struct Engine {
-    batcher: Arc<Batcher>,
-    cpu: rayon::ThreadPool,
-    admission: Arc<Semaphore>,
-    images: Arc<ImagePreprocessor>,
-    tokenizer: Arc<ClipTokenizer>,
+    preparer: Arc<Preparer>,
+    admission: AdmissionControl,
+    budget: Arc<MemoryBudget>,
     fetcher: Arc<UrlFetcher>,
     limits: Limits,
     ready: AtomicBool,
@@ -110,21 +124,24 @@ enum ItemWork {
     Pending { image: Option<Pending>, text: Option<Pending> },
 }
 
+/// An image URL of a request, waiting to be fetched.
+struct UrlJob {
+    index: usize,
+    url: String,
+    reply: Reply,
+    ticket: Ticket,
+}
+
 impl Engine {
     /// An engine feeding the batcher of `parts`.
     pub fn new(parts: EngineParts) -> anyhow::Result<Self> {
         let EngineParts { batcher, images, tokenizer, fetcher, limits, cpu_threads, info, workers } = parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
-        let cpu = rayon::ThreadPoolBuilder::new()
-            .num_threads(cpu_threads)
-            .thread_name(|i| format!("preprocess-{i}"))
-            .build()?;
+        let preparer = Preparer::start(cpu_threads, PrepareContext { images, tokenizer, batcher })?;
         Ok(Engine {
-            batcher,
-            cpu,
-            admission: Arc::new(Semaphore::new(limits.max_queued_items)),
-            images: Arc::new(images),
-            tokenizer: Arc::new(tokenizer),
+            preparer: Arc::new(preparer),
+            admission: AdmissionControl::new(limits.max_queued_items),
+            budget: Arc::new(MemoryBudget::new(limits.memory_budget_bytes)),
             fetcher: Arc::new(fetcher),
             limits,
             ready: AtomicBool::new(false),
@@ -137,6 +154,16 @@ impl Engine {
     /// The served model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The memory budget for request data (bodies and messages are held against it while they are read).
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Marks the model loaded and warmed up.
@@ -160,227 +187,235 @@ impl Engine {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Items admitted and not yet answered.
+    /// Inputs admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.limits.max_queued_items - self.admission.available_permits()
+        self.admission.in_flight()
     }
 
-    /// Embeds `items`. The outer error concerns the whole request (not ready, too many items, over capacity);
-    /// the inner results are per item, in request order.
+    /// Stops the preparation threads (after shutdown).
+    pub fn close(&self) {
+        self.preparer.close();
+    }
+
+    /// Embeds `items`. The outer error concerns the whole request (not ready, too many items, over capacity, or
+    /// with `fail_fast` the first item that failed); the inner results are per item, in request order.
     pub async fn embed(
         &self,
         items: Vec<ItemInput>,
-        normalize: bool,
-        deadline: Option<Instant>,
-        admission: Admission,
+        options: EmbedOptions,
     ) -> Result<Vec<Result<ItemOutput, Error>>, Error> {
+        let EmbedOptions { normalize, deadline, admission, fail_fast, budget, item_label } = options;
         if !self.is_ready() {
             return Err(if self.is_draining() {
-                Error::Unavailable("server is shutting down".into())
+                Error::new(Reason::ShuttingDown, "server is shutting down")
             } else if self.ready.load(Ordering::SeqCst) {
-                Error::Unavailable("no model worker is available right now".into())
+                Error::new(Reason::NoModelWorker, "no model worker is available right now")
             } else {
-                Error::Unavailable("model is not loaded yet".into())
+                Error::new(Reason::NotReady, "model is not loaded yet")
             });
         }
         if items.len() > self.limits.max_items_per_request {
-            return Err(Error::TooLarge(format!(
-                "request of {} items exceeds the limit of {} items per request",
-                items.len(),
-                self.limits.max_items_per_request
-            )));
+            return Err(Error::new(
+                Reason::TooManyItems,
+                format!(
+                    "request of {} items exceeds the limit of {} items per request",
+                    items.len(),
+                    self.limits.max_items_per_request
+                ),
+            ));
         }
-        let jobs: usize = items.iter().map(|i| i.image.is_some() as usize + i.text.is_some() as usize).sum();
-        let _permit = self.admit(jobs, admission).await?;
-
-        let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
-
+        let checked: Vec<Result<ItemInput, Error>> = items.into_iter().map(|i| self.check_item(i)).collect();
+        let inputs: usize =
+            checked.iter().flatten().map(|i| i.image.is_some() as usize + i.text.is_some() as usize).sum();
+        let tickets = self.admission.admit(inputs, admission).await?;
         let collect = async {
-            let items = self.fetch_urls(items).await;
-            let work = self.submit(items, deadline);
-            let mut out = Vec::with_capacity(work.len());
-            for (id, w) in ids.into_iter().zip(work) {
-                out.push(match w {
-                    ItemWork::Failed(e) => Err(e),
-                    ItemWork::Pending { image, text } => {
-                        let image = match image {
-                            Some(rx) => Some(await_job(rx).await),
-                            None => None,
-                        };
-                        let text = match text {
-                            Some(rx) => Some(await_job(rx).await),
-                            None => None,
-                        };
-                        assemble(id, image, text, normalize)
-                    }
-                });
-            }
-            out
+            let (ids, work, urls, request) = self.submit(checked, tickets, deadline, budget);
+            // Without URLs the request's work is owned by the CPU pool alone, which drops it (and its budget)
+            // once every input is prepared.
+            let _fetching = if urls.is_empty() {
+                drop(request);
+                None
+            } else {
+                Some(self.spawn_fetches(urls, request, deadline))
+            };
+            gather(ids, work, normalize, fail_fast.then_some(item_label)).await
         };
         match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), collect)
                 .await
-                .map_err(|_| Error::DeadlineExceeded("deadline exceeded".into())),
-            None => Ok(collect.await),
+                .map_err(|_| Error::new(Reason::DeadlineExceeded, "deadline exceeded"))?,
+            None => collect.await,
         }
     }
 
-    async fn admit(&self, jobs: usize, admission: Admission) -> Result<Option<AdmittedItems>, Error> {
-        if jobs == 0 {
-            return Ok(None);
+    /// Refuses an item that cannot be embedded, before anything is admitted for it.
+    fn check_item(&self, item: ItemInput) -> Result<ItemInput, Error> {
+        if item.id.len() > self.limits.max_id_bytes {
+            return Err(Error::new(
+                Reason::IdTooLong,
+                format!("id of {} bytes exceeds the limit of {} bytes", item.id.len(), self.limits.max_id_bytes),
+            ));
         }
-        if jobs > self.limits.max_queued_items {
-            return Err(Error::TooLarge(format!(
-                "request of {jobs} inputs exceeds the queue capacity of {}",
-                self.limits.max_queued_items
-            )));
+        if item.image.is_none() && item.text.is_none() {
+            return Err(Error::new(Reason::EmptyItem, "item has neither an image nor a text"));
         }
-        let n = jobs as u32;
-        let permit = match admission {
-            Admission::Reject => self.admission.clone().try_acquire_many_owned(n).map_err(|_| {
-                Error::Overloaded(format!(
-                    "server over capacity ({} inputs queued); retry later",
-                    self.limits.max_queued_items
-                ))
-            })?,
-            Admission::Wait => self
-                .admission
-                .clone()
-                .acquire_many_owned(n)
-                .await
-                .map_err(|_| Error::Unavailable("server is shutting down".into()))?,
-        };
-        metrics::gauge!(m::ADMITTED_ITEMS).increment(jobs as f64);
-        Ok(Some(AdmittedItems { _permit: permit, count: jobs }))
+        Ok(item)
     }
 
-    /// Downloads the images given as URLs (at most `url_fetch_concurrency` at once), in item order.
-    async fn fetch_urls(&self, items: Vec<ItemInput>) -> Vec<Result<ItemInput, Error>> {
-        use futures::StreamExt;
-        let fetches = items.into_iter().map(|mut item| async move {
-            if let Some(ImageSource::Url(url)) = &item.image {
-                let bytes = self.fetcher.fetch(url).await.map_err(|e| e.context("image"))?;
-                item.image = Some(ImageSource::Bytes(bytes));
-            }
-            Ok(item)
-        });
-        futures::stream::iter(fetches).buffered(self.limits.url_fetch_concurrency.max(1)).collect().await
-    }
-
-    /// Validates the items and hands their work to the CPU pool, which queues it for the model.
-    fn submit(&self, items: Vec<Result<ItemInput, Error>>, deadline: Option<Instant>) -> Vec<ItemWork> {
-        let mut images: Vec<(ImageSource, Reply)> = Vec::new();
-        let mut texts: Vec<(String, Reply)> = Vec::new();
+    /// Hands each input with its ticket to the CPU pool (image URLs are returned, to be fetched first).
+    #[allow(clippy::type_complexity)]
+    fn submit(
+        &self,
+        items: Vec<Result<ItemInput, Error>>,
+        tickets: Vec<Ticket>,
+        deadline: Option<Instant>,
+        budget: BudgetPermit,
+    ) -> (Vec<String>, Vec<ItemWork>, Vec<UrlJob>, Arc<RequestWork>) {
+        let request = RequestWork::new(deadline, budget);
+        let mut tickets = tickets.into_iter();
+        let mut units = Vec::new();
+        let mut urls = Vec::new();
+        let mut ids = Vec::with_capacity(items.len());
         let work = items
             .into_iter()
-            .map(|item| {
+            .enumerate()
+            .map(|(index, item)| {
                 let item = match item {
                     Ok(item) => item,
-                    Err(e) => return ItemWork::Failed(e),
+                    Err(e) => {
+                        ids.push(String::new());
+                        return ItemWork::Failed(e);
+                    }
                 };
-                if item.image.is_none() && item.text.is_none() {
-                    return ItemWork::Failed(Error::InvalidArgument("item has neither an image nor a text".into()));
-                }
-                let image = item.image.map(|source| {
-                    let (tx, rx) = oneshot::channel();
-                    images.push((source, tx));
+                ids.push(item.id);
+                let mut unit = |input: UnitInput| {
+                    let (reply, rx) = oneshot::channel();
+                    let ticket = tickets.next().expect("one ticket per input");
+                    match input {
+                        UnitInput::Image(ImageSource::Url(url)) => urls.push(UrlJob { index, url, reply, ticket }),
+                        input => units.push(Unit { index, input, reply, ticket, held: BudgetPermit::none() }),
+                    }
                     rx
-                });
-                let text = item.text.map(|text| {
-                    let (tx, rx) = oneshot::channel();
-                    texts.push((text, tx));
-                    rx
-                });
+                };
+                let image = item.image.map(|source| unit(UnitInput::Image(source)));
+                let text = item.text.map(|text| unit(UnitInput::Text(text)));
                 ItemWork::Pending { image, text }
             })
             .collect();
-        let (pre, tok) = (self.images.clone(), self.tokenizer.clone());
-        let prepare_image = move |source: ImageSource| {
-            let pixels = match source {
-                ImageSource::Bytes(b) => pre.preprocess(&b),
-                ImageSource::Base64(s) => decode_base64(&s).and_then(|b| pre.preprocess(&b)),
-                ImageSource::Url(_) => Err(Error::Internal("image URL was not fetched".into())),
-            }?;
-            Ok(ImageInput { pixels })
-        };
-        let batcher = self.batcher.clone();
-        self.spawn_groups(images, IMAGE_GROUP, deadline, "image", prepare_image, move |jobs| batcher.push_images(jobs));
-        let batcher = self.batcher.clone();
-        let prepare_text = move |text: String| tok.encode(&text).map(|ids| TextInput { ids });
-        self.spawn_groups(texts, TEXT_GROUP, deadline, "text", prepare_text, move |jobs| batcher.push_texts(jobs));
-        work
+        request.expect(urls.len());
+        self.preparer.add(&request, units);
+        (ids, work, urls, request)
     }
 
-    /// Prepares inputs on the CPU pool in groups: the items of a group are prepared in parallel, then queued
-    /// together, so a request's items can share one forward pass instead of trickling into the queue one by one.
-    /// An input that fails to prepare is answered at once; one whose caller has gone is skipped.
-    fn spawn_groups<I, T, P, Q>(
-        &self,
-        mut work: Vec<(I, Reply)>,
-        group_size: usize,
-        deadline: Option<Instant>,
-        modality: &'static str,
-        prepare: P,
-        queue: Q,
-    ) where
-        I: Send + 'static,
-        T: Send + 'static,
-        P: Fn(I) -> Result<T, Error> + Send + Sync + Clone + 'static,
-        Q: Fn(Vec<Job<T>>) + Send + Clone + 'static,
-    {
-        use rayon::prelude::*;
-        while !work.is_empty() {
-            let rest = work.split_off(work.len().min(group_size));
-            let group = std::mem::replace(&mut work, rest);
-            let (prepare, queue) = (prepare.clone(), queue.clone());
-            self.cpu.spawn(move || {
-                let jobs: Vec<Job<T>> = group
-                    .into_par_iter()
-                    .filter_map(|(input, tx)| {
-                        if tx.is_closed() {
-                            metrics::counter!(m::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
-                            return None;
+    /// Fetches a request's image URLs (at most `url_fetch_concurrency` at once, all within
+    /// `url_request_timeout`), handing each body to the CPU pool as soon as it has arrived. Stops when dropped.
+    fn spawn_fetches(&self, urls: Vec<UrlJob>, request: Arc<RequestWork>, deadline: Option<Instant>) -> AbortOnDrop {
+        use futures::StreamExt;
+        let limit = Instant::now() + self.limits.url_request_timeout;
+        let url_deadline = deadline.map_or(limit, |d| d.min(limit));
+        let timeout = self.limits.url_request_timeout;
+        let concurrency = self.limits.url_fetch_concurrency.max(1);
+        let (preparer, fetcher, budget) = (self.preparer.clone(), self.fetcher.clone(), self.budget.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            futures::stream::iter(urls)
+                .for_each_concurrent(concurrency, |job| {
+                    let (request, preparer, fetcher, budget) =
+                        (request.clone(), preparer.clone(), fetcher.clone(), budget.clone());
+                    async move {
+                        let UrlJob { index, url, reply, ticket } = job;
+                        if reply.is_closed() {
+                            request.forget(&preparer);
+                            return;
                         }
-                        let start = Instant::now();
-                        let prepared = prepare(input);
-                        metrics::histogram!(m::PREPROCESS_DURATION, "modality" => modality)
-                            .record(start.elapsed().as_secs_f64());
-                        match prepared {
-                            Ok(input) => Some(Job::new(input, deadline, tx)),
+                        let fetch = fetcher.fetch(&url, &budget, Some(url_deadline));
+                        let fetched = tokio::time::timeout_at(url_deadline.into(), fetch).await.unwrap_or_else(|_| {
+                            Err(Error::new(
+                                Reason::UrlFetchFailed,
+                                format!("the image URLs of this request took longer than {timeout:?}"),
+                            ))
+                        });
+                        match fetched {
+                            Ok((bytes, held)) => {
+                                let input = UnitInput::Image(ImageSource::Bytes(bytes));
+                                preparer.add_expected(&request, Unit { index, input, reply, ticket, held });
+                            }
                             Err(e) => {
-                                let _ = tx.send(Err(e));
-                                None
+                                let _ = reply.send(Err(e));
+                                drop(ticket);
+                                request.forget(&preparer);
                             }
                         }
-                    })
-                    .collect();
-                if !jobs.is_empty() {
-                    queue(jobs);
-                }
-            });
-        }
+                    }
+                })
+                .await
+        }))
     }
 }
 
-/// Most images prepared and queued together.
-const IMAGE_GROUP: usize = 32;
-/// Most texts tokenized and queued together.
-const TEXT_GROUP: usize = 256;
+/// Aborts a spawned task when dropped (the caller has gone).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-/// Queue capacity held by one request; released (and the gauge lowered) when the request is answered or dropped.
-struct AdmittedItems {
-    _permit: OwnedSemaphorePermit,
-    count: usize,
-}
-
-impl Drop for AdmittedItems {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        metrics::gauge!(m::ADMITTED_ITEMS).decrement(self.count as f64);
+        self.0.abort();
     }
+}
+
+/// Waits for each item's results and assembles them in request order; with `fail_fast`, returns the first
+/// failure as soon as it happens (dropping the rest cancels their remaining work).
+async fn gather(
+    ids: Vec<String>,
+    work: Vec<ItemWork>,
+    normalize: bool,
+    fail_fast: Option<fn(usize, &str) -> String>,
+) -> Result<Vec<Result<ItemOutput, Error>>, Error> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut pending: FuturesUnordered<_> = ids
+        .into_iter()
+        .zip(work)
+        .enumerate()
+        .map(|(index, (id, w))| async move {
+            let label = fail_fast.map(|name| name(index, &id));
+            let result = match w {
+                ItemWork::Failed(e) => Err(e),
+                ItemWork::Pending { image, text } => {
+                    let image = async {
+                        match image {
+                            Some(rx) => Some(await_job(rx).await),
+                            None => None,
+                        }
+                    };
+                    let text = async {
+                        match text {
+                            Some(rx) => Some(await_job(rx).await),
+                            None => None,
+                        }
+                    };
+                    let (image, text) = futures::join!(image, text);
+                    assemble(id, image, text, normalize)
+                }
+            };
+            (
+                index,
+                result.map_err(|e| match label {
+                    Some(label) => e.context(label),
+                    None => e,
+                }),
+            )
+        })
+        .collect();
+    let mut out: Vec<Option<Result<ItemOutput, Error>>> = (0..pending.len()).map(|_| None).collect();
+    while let Some((index, mut result)) = pending.next().await {
+        if fail_fast.is_some() {
+            result = Ok(result?);
+        }
+        out[index] = Some(result);
+    }
+    Ok(out.into_iter().map(|r| r.expect("every item answered")).collect())
 }
 
 async fn await_job(rx: Pending) -> Result<Vec<f32>, Error> {
-    rx.await.unwrap_or_else(|_| Err(Error::Internal("the item was dropped before it was embedded".into())))
+    rx.await.unwrap_or_else(|_| Err(Error::new(Reason::ModelFailure, "the item was dropped before it was embedded")))
 }
 
 fn assemble(
@@ -430,8 +465,8 @@ mod tests {
 
     #[test]
     fn an_item_error_names_its_modality() {
-        let r = assemble("a".into(), Some(Err(Error::InvalidArgument("bad".into()))), None, false);
-        assert_eq!(r, Err(Error::InvalidArgument("image: bad".into())));
+        let r = assemble("a".into(), Some(Err(Error::new(Reason::InvalidImage, "bad"))), None, false);
+        assert_eq!(r, Err(Error::new(Reason::InvalidImage, "image: bad")));
         let ok = assemble("b".into(), None, Some(Ok(vec![2.0, 0.0])), true).unwrap();
         assert_eq!(ok.text_features, Some(vec![1.0, 0.0]));
         assert_eq!(ok.image_features, None);

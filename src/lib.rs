@@ -14,6 +14,7 @@ pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod model;
+pub mod prepare;
 pub mod server;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.

@@ -28,6 +28,12 @@ pub const MODEL_ITEMS: &str = "clipserve_model_items_total";
 pub const DROPPED_ITEMS: &str = "clipserve_dropped_items_total";
 /// Batches that failed in the model (every item answered INTERNAL), by `modality`.
 pub const MODEL_FAILURES: &str = "clipserve_model_failures_total";
+/// Bytes of request data held against the memory budget (--memory-budget-bytes).
+pub const BUDGET_BYTES: &str = "clipserve_memory_budget_held_bytes";
+/// Panics caught and turned into INTERNAL answers, by `stage` (preprocess, tokenize, grpc, http).
+pub const PANICS: &str = "clipserve_panics_total";
+/// Item and call errors answered, by `reason` (README: "Errors").
+pub const ERRORS: &str = "clipserve_errors_total";
 /// 1 once the model is loaded and warmed up and the server is not draining, else 0.
 pub const READY: &str = "clipserve_ready";
 
@@ -63,6 +69,9 @@ fn describe() {
     describe_counter!(DROPPED_ITEMS, "Items dropped before the model, by reason");
     describe_counter!(MODEL_FAILURES, "Batches that failed in the model");
     describe_gauge!(READY, "1 while the server accepts work");
+    describe_gauge!(BUDGET_BYTES, Unit::Bytes, "Bytes of request data held against the memory budget");
+    describe_counter!(PANICS, "Panics caught and answered INTERNAL, by stage");
+    describe_counter!(ERRORS, "Errors answered, by reason");
 }
 
 /// The outcome label of a gRPC code: `ok`, `invalid_argument`, ...

@@ -23,6 +23,13 @@ use crate::pb::embedder_server::EmbedderServer;
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Panics in guarded work are caught, counted and logged once by the code that catches them.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !crate::prepare::in_guarded_work() {
+            default_hook(info);
+        }
+    }));
     let manifest = Manifest::load(&args.model)?;
     if manifest.is_random() {
         tracing::warn!(
@@ -56,6 +63,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         std: manifest.image_std,
         max_bytes: args.max_image_bytes,
         max_pixels: args.max_image_pixels,
+        max_jpeg_scans: args.max_jpeg_scans,
     };
     let batcher = Arc::new(Batcher::new(BatcherConfig {
         max_batch_images: args.max_batch_images.max(1),
@@ -65,7 +73,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let limits = Limits {
         max_items_per_request: args.max_items_per_request,
         max_queued_items: args.max_queued_items,
+        max_id_bytes: args.max_id_bytes,
         url_fetch_concurrency: args.url_fetch_concurrency,
+        url_request_timeout: args.url_request_timeout,
+        memory_budget_bytes: args.memory_budget_bytes,
     };
     let fetcher = UrlFetcher::new(FetchConfig {
         policy: AddressPolicy { allow_private: args.allow_private_urls, allow: args.allow_url_cidrs.clone() },
@@ -228,6 +239,7 @@ async fn serve(
         http_server.abort();
     }
     batcher.close();
+    engine.close();
     let join = tokio::task::spawn_blocking(move || pool.join());
     let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)), join).await;
     tracing::info!("stopped");

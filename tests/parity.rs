@@ -39,6 +39,7 @@ fn preprocessing_matches_clip_image_processor() {
         std: manifest.image_std,
         max_bytes: 64 << 20,
         max_pixels: 100_000_000,
+        max_jpeg_scans: 100,
     };
     let images = f["images"].as_array().unwrap();
     assert!(images.len() >= 8);

@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
         std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         max_bytes: 1 << 20,
         max_pixels: 4_000_000,
+        max_jpeg_scans: 100,
     };
     if let Ok(t) = pre.preprocess(data) {
         assert_eq!(t.len(), 3 * 224 * 224);

@@ -6,14 +6,18 @@
 //! is queued (`max_batch_delay` can trade latency for fuller batches). Items whose caller has gone away or whose
 //! deadline has passed are dropped here, before they reach the model.
 
+pub mod admission;
+
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::metrics as m;
+
+pub use admission::{Admission, AdmissionControl, BudgetPermit, MemoryBudget, Ticket};
 
 /// A preprocessed image: normalized CHW float32 pixels, `3 * size * size` values.
 pub struct ImageInput {
@@ -34,12 +38,20 @@ pub struct Job<T> {
     pub enqueued_at: Instant,
     pub deadline: Option<Instant>,
     pub reply: Reply,
+    /// The input's share of admission, released when the job is answered or dropped.
+    pub ticket: Option<Ticket>,
 }
 
 impl<T> Job<T> {
     /// A job entering its queue now.
     pub fn new(input: T, deadline: Option<Instant>, reply: Reply) -> Self {
-        Job { input, enqueued_at: Instant::now(), deadline, reply }
+        Job { input, enqueued_at: Instant::now(), deadline, reply, ticket: None }
+    }
+
+    /// The same job holding its admission ticket.
+    pub fn with_ticket(mut self, ticket: Ticket) -> Self {
+        self.ticket = Some(ticket);
+        self
     }
 }
 
@@ -151,7 +163,7 @@ fn take<T>(queue: &mut VecDeque<Job<T>>, max: usize, stats: &mut BatcherStats, m
             Fate::Expired => {
                 stats.dropped_deadline += 1;
                 metrics::counter!(m::DROPPED_ITEMS, "reason" => "deadline").increment(1);
-                let _ = job.reply.send(Err(Error::DeadlineExceeded("deadline passed while queued".into())));
+                let _ = job.reply.send(Err(Error::new(Reason::DeadlineExceeded, "deadline passed while queued")));
             }
         }
     }
@@ -197,7 +209,7 @@ impl Batcher {
         if q.closed {
             drop(q);
             for job in jobs {
-                let _ = job.reply.send(Err(Error::Unavailable("server is shutting down".into())));
+                let _ = job.reply.send(Err(Error::new(Reason::ShuttingDown, "server is shutting down")));
             }
             return;
         }
@@ -284,6 +296,7 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
     use std::sync::Arc;
 
     fn cfg(images: usize, texts: usize) -> BatcherConfig {
@@ -341,7 +354,7 @@ mod tests {
         b.push_text(live);
         let Some(Batch::Texts(batch)) = b.next_batch() else { panic!("expected texts") };
         assert_eq!(batch.iter().map(|j| j.input.ids[0]).collect::<Vec<_>>(), vec![3]);
-        assert!(matches!(rx_expired.try_recv(), Ok(Err(Error::DeadlineExceeded(_)))));
+        assert!(matches!(rx_expired.try_recv(), Ok(Err(e)) if e.kind() == Kind::DeadlineExceeded));
         let stats = b.stats();
         assert_eq!((stats.dropped_cancelled, stats.dropped_deadline), (1, 1));
     }
@@ -356,7 +369,7 @@ mod tests {
         assert!(b.next_batch().is_none());
         let (late, mut rx) = image_job();
         b.push_image(late);
-        assert!(matches!(rx.try_recv(), Ok(Err(Error::Unavailable(_)))));
+        assert!(matches!(rx.try_recv(), Ok(Err(e)) if e.kind() == Kind::Unavailable));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Admission, Engine, ImageSource, ItemInput, ItemOutput};
+use crate::engine::{Admission, EmbedOptions, Engine, ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
 use crate::metrics as m;
 use crate::pb;
@@ -82,21 +82,29 @@ fn to_embedding(out: ItemOutput) -> pb::Embedding {
     }
 }
 
+/// Names an item in error messages: its index and (the start of) its id.
 fn item_label(index: usize, id: &str) -> String {
-    format!("item {index} (id {id:?})")
+    format!("item {index} (id {:?})", crate::error::truncate(id, 64))
 }
 
-/// Runs one request message: per-item results, each failure named by its index and id.
+/// Runs one request message whose bytes are held by `budget`: per-item results, in order.
 async fn run_request(
     engine: &Engine,
     request: pb::EmbedRequest,
     deadline: Option<Instant>,
     admission: Admission,
-) -> Result<Vec<Result<ItemOutput, (String, Error)>>, Error> {
-    let ids: Vec<String> = request.items.iter().map(|i| i.id.clone()).collect();
+    budget: crate::batching::BudgetPermit,
+) -> Result<Vec<Result<ItemOutput, Error>>, Error> {
     let items = request.items.into_iter().map(to_item).collect();
-    let results = engine.embed(items, request.normalize, deadline, admission).await?;
-    Ok(results.into_iter().zip(ids).map(|(r, id)| r.map_err(|e| (id, e))).collect())
+    let options = EmbedOptions {
+        normalize: request.normalize,
+        deadline,
+        admission,
+        fail_fast: admission == Admission::Reject,
+        budget,
+        item_label,
+    };
+    engine.embed(items, options).await
 }
 
 type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status>> + Send + 'static>>;
@@ -134,12 +142,12 @@ impl Embedder for EmbedderService {
                 .map(|message| {
                     let engine = engine.clone();
                     async move {
-                        let start = Instant::now();
                         let message = message?;
                         metrics::counter!(m::STREAM_MESSAGES).increment(1);
-                        let answer = stream_answer(&engine, message, deadline).await;
-                        record("EmbedStream", start, tonic::Code::Ok);
-                        Ok::<_, Status>(answer)
+                        // Held before the next message is read: past the budget the stream stops reading.
+                        let size = prost::Message::encoded_len(&message);
+                        let budget = engine.budget().acquire(size, Admission::Wait, deadline).await;
+                        Ok::<_, Status>(stream_answer(&engine, message, deadline, budget).await)
                     }
                 })
                 .buffered(window);
@@ -184,30 +192,41 @@ fn record(rpc: &'static str, start: Instant, code: tonic::Code) {
 impl EmbedderService {
     async fn embed_unary(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let deadline = deadline_from_metadata(request.metadata());
-        let results = run_request(&self.engine, request.into_inner(), deadline, Admission::Reject).await?;
-        let mut embeddings = Vec::with_capacity(results.len());
-        for (index, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(out) => embeddings.push(to_embedding(out)),
-                // One bad item fails the whole call, with the kind of its error.
-                Err((id, e)) => return Err(e.context(item_label(index, &id)).into()),
-            }
-        }
+        let request = request.into_inner();
+        let size = prost::Message::encoded_len(&request);
+        let budget = self.engine.budget().acquire(size, Admission::Reject, deadline).await?;
+        // One bad item fails the whole call (fail_fast), with the kind of its error.
+        let results = run_request(&self.engine, request, deadline, Admission::Reject, budget).await?;
+        let embeddings = results.into_iter().map(|r| r.map(to_embedding)).collect::<Result<_, _>>()?;
         Ok(Response::new(pb::EmbedResponse { embeddings }))
     }
 }
 
 /// One stream message's answer: each item its embedding or its own error; a message-level failure (e.g. too
 /// many items) becomes the error of each of its items, so the stream goes on.
-async fn stream_answer(engine: &Engine, message: pb::EmbedRequest, deadline: Option<Instant>) -> pb::EmbedResponse {
+async fn stream_answer(
+    engine: &Engine,
+    message: pb::EmbedRequest,
+    deadline: Option<Instant>,
+    budget: Result<crate::batching::BudgetPermit, Error>,
+) -> pb::EmbedResponse {
+    // The ids are kept for the answer; the message's bytes move on to the CPU pool.
     let ids: Vec<String> = message.items.iter().map(|i| i.id.clone()).collect();
-    let embeddings = match run_request(engine, message, deadline, Admission::Wait).await {
+    let results = match budget {
+        Ok(budget) => run_request(engine, message, deadline, Admission::Wait, budget).await,
+        Err(e) => Err(e),
+    };
+    let embeddings = match results {
         Ok(results) => results
             .into_iter()
+            .zip(ids)
             .enumerate()
-            .map(|(index, r)| match r {
+            .map(|(index, (r, id))| match r {
                 Ok(out) => to_embedding(out),
-                Err((id, e)) => error_embedding(id.clone(), e.context(item_label(index, &id))),
+                Err(e) => {
+                    let e = e.context(item_label(index, &id));
+                    error_embedding(id, e)
+                }
             })
             .collect(),
         Err(e) => ids.into_iter().map(|id| error_embedding(id, e.clone())).collect(),
@@ -220,7 +239,11 @@ fn error_embedding(id: String, e: Error) -> pb::Embedding {
         id,
         image_features: Vec::new(),
         text_features: Vec::new(),
-        error: Some(pb::ItemError { code: e.grpc_code() as i32, message: e.message().to_string() }),
+        error: Some(pb::ItemError {
+            code: e.grpc_code() as i32,
+            message: e.message().into_owned(),
+            reason: e.reason().as_str().to_string(),
+        }),
     }
 }
 

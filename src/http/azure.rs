@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::engine::{ImageSource, ItemInput, ItemOutput};
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::inputs::fetch::is_http_url;
 
 /// A parsed request: one item per row, in row order.
@@ -38,7 +38,7 @@ impl From<ItemOutput> for ScoreRow {
 }
 
 fn bad(msg: impl Into<String>) -> Error {
-    Error::InvalidArgument(msg.into())
+    Error::new(Reason::MalformedRequest, msg)
 }
 
 /// Parses a `/score` or `/invocations` body; `frame_keys` are the accepted names of the data frame object.
@@ -123,12 +123,13 @@ pub fn parse(body: &[u8], frame_keys: &[&str]) -> Result<ScoreRequest, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     const KEYS: &[&str] = &["input_data"];
 
     fn err(body: &str) -> String {
         match parse(body.as_bytes(), KEYS) {
-            Err(Error::InvalidArgument(m)) => m,
+            Err(e) if e.kind() == Kind::InvalidArgument => e.message().into_owned(),
             other => panic!("expected a 400 for {body}: {other:?}"),
         }
     }

@@ -15,8 +15,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::engine::{Admission, Engine};
-use crate::error::Error;
+use crate::batching::BudgetPermit;
+use crate::engine::{Admission, EmbedOptions, Engine};
+use crate::error::{Error, Reason};
 use crate::metrics as m;
 
 /// What the HTTP handlers share.
@@ -64,7 +65,7 @@ async fn authorize(
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(serde_json::json!({ "error": self.message() }))).into_response()
+        (status, Json(serde_json::json!({ "error": self.message(), "reason": self.reason().as_str() }))).into_response()
     }
 }
 
@@ -102,18 +103,25 @@ async fn run_frame(
 ) -> Result<Vec<azure::ScoreRow>, Error> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Error::TooLarge(format!("request body exceeds the limit of {} bytes", state.max_request_bytes))
+            Error::new(
+                Reason::RequestTooLarge,
+                format!("request body exceeds the limit of {} bytes", state.max_request_bytes),
+            )
         } else {
-            Error::InvalidArgument(format!("cannot read the request body: {rejection}"))
+            Error::new(Reason::MalformedRequest, format!("cannot read the request body: {rejection}"))
         }
     })?;
     let request = azure::parse(&body, frame_keys)?;
-    let results = state.engine.embed(request.items, request.normalize, None, Admission::Reject).await?;
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(row, r)| r.map(azure::ScoreRow::from).map_err(|e| e.context(format!("row {row}"))))
-        .collect()
+    let options = EmbedOptions {
+        normalize: request.normalize,
+        deadline: None,
+        admission: Admission::Reject,
+        fail_fast: true,
+        budget: BudgetPermit::none(),
+        item_label: |row, _| format!("row {row}"),
+    };
+    let results = state.engine.embed(request.items, options).await?;
+    results.into_iter().map(|r| r.map(azure::ScoreRow::from)).collect()
 }
 
 /// Liveness: 200 while the process serves.

@@ -14,13 +14,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
 
-use crate::error::Error;
+use crate::batching::{Admission, BudgetPermit, MemoryBudget};
+use crate::error::{Error, Reason};
 
 /// The one message for every refused destination.
 pub const REFUSED: &str = "image URL refused: its address is not allowed";
@@ -112,16 +113,16 @@ fn literal_ip(url: &Url) -> Option<IpAddr> {
 /// Checks what can be checked of a URL before any network activity: scheme, host, and IP literals.
 pub fn check_url(url: &Url, policy: &AddressPolicy) -> Result<(), Error> {
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(Error::InvalidArgument(format!(
-            "image URL scheme {:?} is not supported (http, https)",
-            url.scheme()
-        )));
+        return Err(Error::new(
+            Reason::UrlNotAllowed,
+            format!("image URL scheme {:?} is not supported (http, https)", url.scheme()),
+        ));
     }
     if url.host().is_none() {
-        return Err(Error::InvalidArgument("image URL has no host".into()));
+        return Err(Error::new(Reason::UrlNotAllowed, "image URL has no host"));
     }
     match literal_ip(url) {
-        Some(ip) if !policy.permits(ip) => Err(Error::InvalidArgument(REFUSED.into())),
+        Some(ip) if !policy.permits(ip) => Err(Error::new(Reason::UrlNotAllowed, REFUSED)),
         _ => Ok(()),
     }
 }
@@ -202,24 +203,40 @@ impl UrlFetcher {
         Ok(UrlFetcher { client, policy, timeout: config.timeout, max_bytes: config.max_bytes })
     }
 
-    /// Downloads an image: checked destination, capped size, image magic bytes.
-    pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, Error> {
-        let url = Url::parse(url).map_err(|e| Error::InvalidArgument(format!("invalid image URL: {e}")))?;
+    /// Downloads an image: checked destination, capped size, image magic bytes. The body's bytes are held
+    /// against `budget` as they arrive (waiting for room until `deadline`); the permit comes back with them.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        budget: &MemoryBudget,
+        deadline: Option<Instant>,
+    ) -> Result<(Vec<u8>, BudgetPermit), Error> {
+        let url = Url::parse(url).map_err(|e| Error::new(Reason::UrlNotAllowed, format!("invalid image URL: {e}")))?;
         check_url(&url, &self.policy)?;
-        match tokio::time::timeout(self.timeout, self.download(url)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::InvalidArgument(format!("image URL timed out after {:?}", self.timeout))),
+        let mut held = BudgetPermit::none();
+        match tokio::time::timeout(self.timeout, self.download(url, budget, deadline, &mut held)).await {
+            Ok(result) => result.map(|body| (body, held)),
+            Err(_) => Err(Error::new(Reason::UrlFetchFailed, format!("image URL timed out after {:?}", self.timeout))),
         }
     }
 
-    async fn download(&self, url: Url) -> Result<Vec<u8>, Error> {
+    async fn download(
+        &self,
+        url: Url,
+        budget: &MemoryBudget,
+        deadline: Option<Instant>,
+        held: &mut BudgetPermit,
+    ) -> Result<Vec<u8>, Error> {
         let mut response = self.client.get(url).send().await.map_err(fetch_error)?;
         let status = response.status();
         if !status.is_success() {
-            return Err(Error::InvalidArgument(format!("image URL answered HTTP {}", status.as_u16())));
+            return Err(Error::new(Reason::UrlFetchFailed, format!("image URL answered HTTP {}", status.as_u16())));
         }
         if response.content_length().is_some_and(|n| n > self.max_bytes as u64) {
-            return Err(Error::TooLarge(format!("image URL body exceeds the limit of {} bytes", self.max_bytes)));
+            return Err(Error::new(
+                Reason::ImageTooLarge,
+                format!("image URL body exceeds the limit of {} bytes", self.max_bytes),
+            ));
         }
         let content_type = response
             .headers()
@@ -230,15 +247,20 @@ impl UrlFetcher {
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(fetch_error)? {
             if body.len() + chunk.len() > self.max_bytes {
-                return Err(Error::TooLarge(format!("image URL body exceeds the limit of {} bytes", self.max_bytes)));
+                return Err(Error::new(
+                    Reason::ImageTooLarge,
+                    format!("image URL body exceeds the limit of {} bytes", self.max_bytes),
+                ));
             }
+            held.merge(budget.acquire(chunk.len(), Admission::Wait, deadline).await?);
             body.extend_from_slice(&chunk);
         }
         match image::guess_format(&body) {
             Ok(f) if crate::inputs::image::is_supported(f) => Ok(body),
-            _ => {
-                Err(Error::InvalidArgument(format!("image URL did not return an image (content-type {content_type})")))
-            }
+            _ => Err(Error::new(
+                Reason::UrlFetchFailed,
+                format!("image URL did not return an image (content-type {content_type})"),
+            )),
         }
     }
 }
@@ -248,7 +270,7 @@ fn fetch_error(e: reqwest::Error) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = source {
         if s.downcast_ref::<Refused>().is_some() || s.to_string() == REFUSED {
-            return Error::InvalidArgument(REFUSED.into());
+            return Error::new(Reason::UrlNotAllowed, REFUSED);
         }
         source = s.source();
     }
@@ -261,12 +283,13 @@ fn fetch_error(e: reqwest::Error) -> Error {
     } else {
         "request failed".to_string()
     };
-    Error::InvalidArgument(format!("image URL could not be fetched: {what}"))
+    Error::new(Reason::UrlFetchFailed, format!("image URL could not be fetched: {what}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -315,7 +338,7 @@ mod tests {
     #[test]
     fn url_literals_are_checked_before_any_connection() {
         let policy = AddressPolicy::default();
-        let refused = |u: &str| matches!(check_url(&Url::parse(u).unwrap(), &policy), Err(Error::InvalidArgument(m)) if m == REFUSED);
+        let refused = |u: &str| matches!(check_url(&Url::parse(u).unwrap(), &policy), Err(e) if e.kind() == Kind::InvalidArgument && e.message() == REFUSED);
         for u in [
             "http://127.0.0.1/x.jpg",
             "http://10.0.0.1/x.jpg",
@@ -333,7 +356,7 @@ mod tests {
         assert!(check_url(&Url::parse("http://8.8.8.8/cat.jpg").unwrap(), &policy).is_ok());
         assert!(matches!(
             check_url(&Url::parse("file:///etc/passwd").unwrap(), &policy),
-            Err(Error::InvalidArgument(m)) if m.contains("scheme")
+            Err(e) if e.kind() == Kind::InvalidArgument && e.message().contains("scheme")
         ));
         assert!(check_url(&Url::parse("ftp://example.com/x").unwrap(), &policy).is_err());
     }

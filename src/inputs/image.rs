@@ -3,7 +3,7 @@
 //! resize the shortest side to `size` with Pillow's bicubic, center-crop `size` x `size`, rescale by 1/255,
 //! normalize with the mean and std.
 //!
-//! JPEGs are decoded by libjpeg-turbo's decoder (through mozjpeg, built from source), the decoder Pillow uses,
+//! JPEGs are decoded by libjpeg-turbo's decoder (mozjpeg-sys, built from source; see `jpeg.rs`), the decoder Pillow uses,
 //! so the pixels equal Pillow's; other formats by the `image` crate.
 
 use std::io::Cursor;
@@ -11,7 +11,8 @@ use std::io::Cursor;
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat, ImageReader};
 
-use crate::error::Error;
+use crate::error::{Error, Reason};
+use crate::inputs::jpeg::{self, JpegLimits};
 use crate::inputs::resample::{resize_rgb_window, Window};
 
 /// A decoded image: packed 8-bit RGB.
@@ -41,7 +42,17 @@ pub struct ImagePreprocessor {
     pub max_bytes: usize,
     /// Most pixels an image may claim in its header.
     pub max_pixels: u64,
+    /// Most scans of a (progressive) JPEG.
+    pub max_jpeg_scans: u32,
 }
+
+/// Never stops.
+pub fn never_stop() -> bool {
+    false
+}
+
+/// Longest side Pillow can resize to (its image dimensions are C `int`s).
+pub const MAX_RESIZED_SIDE: u64 = i32::MAX as u64;
 
 /// Decodes base64 as clients send it: standard alphabet, with or without padding, with line breaks and other
 /// whitespace anywhere (Python's `base64.encodebytes`), optionally behind a `data:image/...;base64,` prefix.
@@ -49,58 +60,67 @@ pub fn decode_base64(text: &str) -> Result<Vec<u8>, Error> {
     let mut body = text.trim();
     if let Some(rest) = body.strip_prefix("data:") {
         let (header, data) =
-            rest.split_once(',').ok_or_else(|| Error::InvalidArgument("data URI without a comma".into()))?;
+            rest.split_once(',').ok_or_else(|| Error::new(Reason::InvalidBase64, "data URI without a comma"))?;
         if !header.ends_with(";base64") {
-            return Err(Error::InvalidArgument("data URI is not base64-encoded".into()));
+            return Err(Error::new(Reason::InvalidBase64, "data URI is not base64-encoded"));
         }
         body = data;
     }
     let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     if compact.is_empty() {
-        return Err(Error::InvalidArgument("empty base64 image".into()));
+        return Err(Error::new(Reason::InvalidBase64, "empty base64 image"));
     }
     let engine = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
         base64::engine::GeneralPurposeConfig::new()
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
-    engine.decode(&compact).map_err(|e| Error::InvalidArgument(format!("invalid base64: {e}")))
+    engine.decode(&compact).map_err(|e| Error::new(Reason::InvalidBase64, format!("invalid base64: {e}")))
 }
 
 impl ImagePreprocessor {
     /// Decodes an encoded image into RGB, enforcing the byte, format and pixel limits before decoding.
-    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, Error> {
+    /// `should_stop` is polled while decoding (JPEG: every few rows and scans) and between stages.
+    pub fn decode(&self, bytes: &[u8], should_stop: &dyn Fn() -> bool) -> Result<RgbImage, Error> {
         if bytes.is_empty() {
-            return Err(Error::InvalidArgument("empty image".into()));
+            return Err(Error::new(Reason::InvalidImage, "empty image"));
         }
         if bytes.len() > self.max_bytes {
-            return Err(Error::TooLarge(format!(
-                "image of {} bytes exceeds the limit of {}",
-                bytes.len(),
-                self.max_bytes
-            )));
+            return Err(Error::new(
+                Reason::ImageTooLarge,
+                format!("image of {} bytes exceeds the limit of {}", bytes.len(), self.max_bytes),
+            ));
         }
         let reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
-            .map_err(|e| Error::InvalidArgument(format!("cannot read image: {e}")))?;
+            .map_err(|e| Error::new(Reason::InvalidImage, format!("cannot read image: {e}")))?;
         let format = reader.format().filter(|f| SUPPORTED.contains(f)).ok_or_else(|| {
-            Error::InvalidArgument("not a supported image (JPEG, PNG, WebP, GIF or BMP expected)".into())
+            Error::new(Reason::UnsupportedImageFormat, "not a supported image (JPEG, PNG, WebP, GIF or BMP expected)")
         })?;
-        let (w, h) =
-            reader.into_dimensions().map_err(|e| Error::InvalidArgument(format!("cannot decode image: {e}")))?;
+        let (w, h) = reader
+            .into_dimensions()
+            .map_err(|e| Error::new(Reason::InvalidImage, format!("cannot decode image: {e}")))?;
         let pixels = w as u64 * h as u64;
         if pixels > self.max_pixels {
-            return Err(Error::TooLarge(format!(
-                "image of {w}x{h} pixels exceeds the limit of {} pixels",
-                self.max_pixels
-            )));
+            return Err(Error::new(
+                Reason::ImageDimensionsTooLarge,
+                format!("image of {w}x{h} pixels exceeds the limit of {} pixels", self.max_pixels),
+            ));
         }
         if pixels == 0 {
-            return Err(Error::InvalidArgument(format!("image has no pixels ({w}x{h})")));
+            return Err(Error::new(Reason::InvalidImage, format!("image has no pixels ({w}x{h})")));
         }
         if format == ImageFormat::Jpeg {
-            if let Some(rgb) = decode_jpeg(bytes)? {
-                return Ok(rgb);
+            // libjpeg pads a truncated file with gray and only warns; Pillow refuses it ("image file is truncated").
+            if !jpeg_has_end(bytes) {
+                return Err(Error::new(
+                    Reason::InvalidImage,
+                    "cannot decode image: truncated JPEG (no end-of-image marker)",
+                ));
+            }
+            let limits = JpegLimits { max_scans: self.max_jpeg_scans, should_stop };
+            if let Some(rgb) = jpeg::decode(bytes, self.max_pixels, &limits)? {
+                return Ok(RgbImage { width: rgb.width, height: rgb.height, data: rgb.data });
             }
         }
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -110,17 +130,21 @@ impl ImagePreprocessor {
         // Decoded RGBA16 of the claimed size, plus slack for the decoder's own buffers.
         limits.max_alloc = Some(pixels * 8 + (64 << 20));
         reader.limits(limits);
-        let image = reader.decode().map_err(|e| Error::InvalidArgument(format!("cannot decode image: {e}")))?;
+        let image =
+            reader.decode().map_err(|e| Error::new(Reason::InvalidImage, format!("cannot decode image: {e}")))?;
         Ok(to_rgb(image))
     }
 
     /// Resizes the shortest side to `size` (Pillow's bicubic) and center-crops `size` x `size`: HWC RGB bytes.
-    pub fn resize_and_crop(&self, rgb: &RgbImage) -> Vec<u8> {
+    /// Only the crop window is computed, so the cost follows the source's pixels and the output, whatever the
+    /// aspect ratio.
+    pub fn resize_and_crop(&self, rgb: &RgbImage) -> Result<Vec<u8>, Error> {
         let (w, h) = (rgb.width as usize, rgb.height as usize);
-        let (new_w, new_h) = resized_dims(rgb.width, rgb.height, self.size);
+        let (new_w, new_h) = resized_dims(rgb.width, rgb.height, self.size)?;
         let s = self.size as usize;
-        let window = Window { x0: (new_w as usize - s) / 2, y0: (new_h as usize - s) / 2, w: s, h: s };
-        resize_rgb_window(&rgb.data, w, h, new_w as usize, new_h as usize, window)
+        let (new_w, new_h) = (new_w as usize, new_h as usize);
+        let window = Window { x0: (new_w - s) / 2, y0: (new_h - s) / 2, w: s, h: s };
+        Ok(resize_rgb_window(&rgb.data, w, h, new_w, new_h, window))
     }
 
     /// Rescales by 1/255 and normalizes with the mean and std: CHW float32.
@@ -140,49 +164,41 @@ impl ImagePreprocessor {
 
     /// The whole pipeline: encoded bytes to the model's pixel tensor (CHW float32, `3 * size * size`).
     pub fn preprocess(&self, bytes: &[u8]) -> Result<Vec<f32>, Error> {
-        let rgb = self.decode(bytes)?;
-        let hwc = self.resize_and_crop(&rgb);
+        self.preprocess_until(bytes, &never_stop)
+    }
+
+    /// [`ImagePreprocessor::preprocess`], stopped (DEADLINE_EXCEEDED) as soon as `should_stop` says so.
+    pub fn preprocess_until(&self, bytes: &[u8], should_stop: &dyn Fn() -> bool) -> Result<Vec<f32>, Error> {
+        let rgb = self.decode(bytes, should_stop)?;
+        if should_stop() {
+            return Err(stopped());
+        }
+        let hwc = self.resize_and_crop(&rgb)?;
         Ok(self.normalize(&hwc))
     }
 }
 
-/// Output size of "shortest side to `size`", as transformers computes it: the long side is
-/// `int(size * long / short)`, truncated, in double precision.
-pub fn resized_dims(w: u32, h: u32, size: u32) -> (u32, u32) {
-    let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    let new_long = (size as f64 * long as f64 / short as f64) as u32;
-    if w <= h {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    }
+fn stopped() -> Error {
+    Error::new(Reason::DeadlineExceeded, "preprocessing stopped: the caller has gone or its deadline has passed")
 }
 
-/// Decodes a JPEG with libjpeg-turbo's decoder into RGB (gray replicated). `None` for color spaces it cannot
-/// convert to RGB (CMYK, YCCK), which the `image` crate then decodes.
-fn decode_jpeg(bytes: &[u8]) -> Result<Option<RgbImage>, Error> {
-    use mozjpeg::ColorSpace;
-    let bad = |e: std::io::Error| Error::InvalidArgument(format!("cannot decode image: {e}"));
-    // libjpeg pads a truncated file with gray and only warns; Pillow refuses it ("image file is truncated").
-    if !jpeg_has_end(bytes) {
-        return Err(Error::InvalidArgument("cannot decode image: truncated JPEG (no end-of-image marker)".into()));
+/// Output size of "shortest side to `size`", as transformers computes it: the long side is
+/// `int(size * long / short)`, truncated, in double precision. Refused when the long side would exceed what
+/// Pillow can resize to ([`MAX_RESIZED_SIDE`]), as it refuses it.
+pub fn resized_dims(w: u32, h: u32, size: u32) -> Result<(u64, u64), Error> {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = (size as f64 * long as f64 / short as f64) as u64;
+    if new_long > MAX_RESIZED_SIDE {
+        return Err(Error::new(
+            Reason::ImageDimensionsTooLarge,
+            format!(
+                "image of {w}x{h} pixels has too extreme an aspect ratio: resizing its short side to {size} gives a \
+                 long side of {new_long} pixels, over the limit of {MAX_RESIZED_SIDE}"
+            ),
+        ));
     }
-    // libjpeg reports fatal errors by unwinding (caught inside mozjpeg); never let one escape as a panic.
-    let decoded = std::panic::catch_unwind(|| -> Result<Option<RgbImage>, Error> {
-        let d = mozjpeg::Decompress::new_mem(bytes).map_err(bad)?;
-        if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
-            return Ok(None);
-        }
-        let mut started = d.rgb().map_err(bad)?;
-        let (width, height) = (started.width() as u32, started.height() as u32);
-        let data = started.read_scanlines::<u8>().map_err(bad)?;
-        if data.len() != width as usize * height as usize * 3 {
-            return Err(Error::InvalidArgument("cannot decode image: truncated JPEG".into()));
-        }
-        started.finish().map_err(bad)?;
-        Ok(Some(RgbImage { width, height, data }))
-    });
-    decoded.unwrap_or_else(|_| Err(Error::InvalidArgument("cannot decode image: corrupt JPEG".into())))
+    let size = size as u64;
+    Ok(if w <= h { (size, new_long) } else { (new_long, size) })
 }
 
 /// True when an end-of-image marker follows the last start-of-scan marker. Entropy-coded data never holds a 0xFF
@@ -230,6 +246,7 @@ fn over_white(c: u32, a: u32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     #[allow(clippy::excessive_precision)] // CLIP's constants, as published
     fn pre() -> ImagePreprocessor {
@@ -239,6 +256,7 @@ mod tests {
             std: [0.26862954, 0.26130258, 0.27577711],
             max_bytes: 1 << 20,
             max_pixels: 10_000_000,
+            max_jpeg_scans: 100,
         }
     }
 
@@ -251,11 +269,16 @@ mod tests {
 
     #[test]
     fn dims_follow_transformers_rounding() {
-        assert_eq!(resized_dims(2000, 1500, 224), (298, 224));
-        assert_eq!(resized_dims(1500, 2000, 224), (224, 298));
-        assert_eq!(resized_dims(1, 1, 224), (224, 224));
-        assert_eq!(resized_dims(640, 480, 224), (298, 224));
-        assert_eq!(resized_dims(300, 1, 224), (67200, 224));
+        assert_eq!(resized_dims(2000, 1500, 224).unwrap(), (298, 224));
+        assert_eq!(resized_dims(1500, 2000, 224).unwrap(), (224, 298));
+        assert_eq!(resized_dims(1, 1, 224).unwrap(), (224, 224));
+        assert_eq!(resized_dims(640, 480, 224).unwrap(), (298, 224));
+        assert_eq!(resized_dims(300, 1, 224).unwrap(), (67200, 224));
+        // 224 * 20,000,000 does not fit in u32 (it used to saturate) nor in Pillow's int.
+        assert_eq!(resized_dims(1, 9_000_000, 224).unwrap(), (224, 2_016_000_000));
+        let e = resized_dims(20_000_000, 1, 224).unwrap_err();
+        assert_eq!(e.reason(), Reason::ImageDimensionsTooLarge);
+        assert!(e.message().contains("2147483647"), "{}", e.message());
     }
 
     #[test]
@@ -279,9 +302,9 @@ mod tests {
         assert_eq!(decode_base64(&wrapped).unwrap(), raw);
         assert_eq!(decode_base64(&format!("data:image/png;base64,{plain}")).unwrap(), raw);
         assert_eq!(decode_base64(plain.trim_end_matches('=')).unwrap(), raw);
-        assert!(matches!(decode_base64("not base64!"), Err(Error::InvalidArgument(_))));
-        assert!(matches!(decode_base64(""), Err(Error::InvalidArgument(_))));
-        assert!(matches!(decode_base64("data:image/png,abc"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(decode_base64("not base64!"), Err(e) if e.kind() == Kind::InvalidArgument));
+        assert!(matches!(decode_base64(""), Err(e) if e.kind() == Kind::InvalidArgument));
+        assert!(matches!(decode_base64("data:image/png,abc"), Err(e) if e.kind() == Kind::InvalidArgument));
     }
 
     #[test]
@@ -295,15 +318,15 @@ mod tests {
     #[test]
     fn refuses_bad_input_with_the_right_kind() {
         let p = pre();
-        assert!(matches!(p.preprocess(&[]), Err(Error::InvalidArgument(_))));
-        assert!(matches!(p.preprocess(b"<html>not an image</html>"), Err(Error::InvalidArgument(_))));
+        assert!(matches!(p.preprocess(&[]), Err(e) if e.kind() == Kind::InvalidArgument));
+        assert!(matches!(p.preprocess(b"<html>not an image</html>"), Err(e) if e.kind() == Kind::InvalidArgument));
         let mut truncated = png(64, 64);
         truncated.truncate(truncated.len() / 2);
-        assert!(matches!(p.preprocess(&truncated), Err(Error::InvalidArgument(_))));
+        assert!(matches!(p.preprocess(&truncated), Err(e) if e.kind() == Kind::InvalidArgument));
         let small = ImagePreprocessor { max_pixels: 100, ..pre() };
-        assert!(matches!(small.preprocess(&png(11, 10)), Err(Error::TooLarge(_))));
+        assert!(matches!(small.preprocess(&png(11, 10)), Err(e) if e.kind() == Kind::TooLarge));
         let tiny_bytes = ImagePreprocessor { max_bytes: 10, ..pre() };
-        assert!(matches!(tiny_bytes.preprocess(&png(4, 4)), Err(Error::TooLarge(_))));
+        assert!(matches!(tiny_bytes.preprocess(&png(4, 4)), Err(e) if e.kind() == Kind::TooLarge));
     }
 
     #[test]
@@ -315,7 +338,7 @@ mod tests {
         let crc = crc32fast::hash(&bytes[12..29]); // chunk type + IHDR data
         bytes[29..33].copy_from_slice(&crc.to_be_bytes());
         let start = std::time::Instant::now();
-        assert!(matches!(pre().preprocess(&bytes), Err(Error::TooLarge(_))));
+        assert!(matches!(pre().preprocess(&bytes), Err(e) if e.kind() == Kind::TooLarge));
         assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
 }

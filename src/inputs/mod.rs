@@ -2,5 +2,6 @@
 
 pub mod fetch;
 pub mod image;
+pub mod jpeg;
 pub mod resample;
 pub mod text;

@@ -22,23 +22,26 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
-/// For each output coordinate: the first input index, the number of taps, and fixed-point weights.
+/// For output coordinates `first..first + bounds.len()`: the first input index, the number of taps, and
+/// fixed-point weights.
 struct Coeffs {
     ksize: usize,
     bounds: Vec<(usize, usize)>,
     weights: Vec<i32>,
 }
 
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for an input of `in_size` resized to `out_size`.
-fn precompute(in_size: usize, out_size: usize) -> Coeffs {
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for an input of `in_size` resized to `out_size`, for
+/// the `count` output coordinates starting at `first` only: the cost follows what is produced, not `out_size`
+/// (which an extreme aspect ratio makes billions).
+fn precompute(in_size: usize, out_size: usize, first: usize, count: usize) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = SUPPORT * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
+    let mut bounds = Vec::with_capacity(count);
+    let mut weights = vec![0i32; count * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    for (i, xx) in (first..first + count).enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) conversion truncates toward zero
@@ -53,7 +56,7 @@ fn precompute(in_size: usize, out_size: usize) -> Coeffs {
         for x in 0..xmax {
             let w = if ww != 0.0 { k[x] / ww } else { k[x] };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
+            weights[i * ksize + x] = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
         }
         bounds.push((xmin, xmax));
     }
@@ -87,12 +90,12 @@ pub fn resize_rgb_window(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize,
     assert!(window.x0 + window.w <= dw && window.y0 + window.h <= dh, "window outside the output");
     let need_h = dw != sw;
     let need_v = dh != sh;
-    let vert = need_v.then(|| precompute(sh, dh));
+    let vert = need_v.then(|| precompute(sh, dh, window.y0, window.h));
     // Rows of the source the vertical pass reads for the window's rows.
     let (row_first, row_last) = match &vert {
         Some(c) => {
-            let (first, _) = c.bounds[window.y0];
-            let (lmin, lcount) = c.bounds[window.y0 + window.h - 1];
+            let (first, _) = c.bounds[0];
+            let (lmin, lcount) = c.bounds[window.h - 1];
             (first, lmin + lcount)
         }
         None => (window.y0, window.y0 + window.h),
@@ -101,15 +104,14 @@ pub fn resize_rgb_window(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize,
     let rows = row_last - row_first;
     let mut tmp = vec![0u8; rows * window.w * 3];
     if need_h {
-        let c = precompute(sw, dw);
+        let c = precompute(sw, dw, window.x0, window.w);
         let half = 1i32 << (PRECISION_BITS - 1);
         for r in 0..rows {
             let line = &src[(row_first + r) * sw * 3..(row_first + r + 1) * sw * 3];
             let out = &mut tmp[r * window.w * 3..(r + 1) * window.w * 3];
             for ox in 0..window.w {
-                let xx = window.x0 + ox;
-                let (xmin, count) = c.bounds[xx];
-                let k = &c.weights[xx * c.ksize..xx * c.ksize + count];
+                let (xmin, count) = c.bounds[ox];
+                let k = &c.weights[ox * c.ksize..ox * c.ksize + count];
                 let (mut s0, mut s1, mut s2) = (half, half, half);
                 for (i, &w) in k.iter().enumerate() {
                     let p = (xmin + i) * 3;
@@ -138,9 +140,8 @@ pub fn resize_rgb_window(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize,
     let half = 1i32 << (PRECISION_BITS - 1);
     let mut acc = vec![0i32; stride];
     for oy in 0..window.h {
-        let yy = window.y0 + oy;
-        let (ymin, count) = c.bounds[yy];
-        let k = &c.weights[yy * c.ksize..yy * c.ksize + count];
+        let (ymin, count) = c.bounds[oy];
+        let k = &c.weights[oy * c.ksize..oy * c.ksize + count];
         acc.fill(half);
         for (i, &w) in k.iter().enumerate() {
             let row = &tmp[(ymin - row_first + i) * stride..(ymin - row_first + i + 1) * stride];

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::error::Error;
+use crate::error::{Error, Reason};
 
 /// CLIP's BPE tokenizer: lowercasing and whitespace cleaning, start/end tokens, truncation to the context length
 /// that keeps the end token.
@@ -33,10 +33,15 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, Error> {
         let chars = text.chars().count();
         if chars > self.max_chars {
-            return Err(Error::TooLarge(format!("text of {chars} characters exceeds the limit of {}", self.max_chars)));
+            return Err(Error::new(
+                Reason::TextTooLong,
+                format!("text of {chars} characters exceeds the limit of {}", self.max_chars),
+            ));
         }
-        let encoding =
-            self.inner.encode(text, true).map_err(|e| Error::InvalidArgument(format!("cannot tokenize text: {e}")))?;
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::new(Reason::InvalidText, format!("cannot tokenize text: {e}")))?;
         Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
     }
 }

@@ -13,7 +13,7 @@ use anyhow::Context;
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::batching::{Batch, Batcher, ImageInput, Job, TextInput};
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::metrics as m;
 
 pub use manifest::Manifest;
@@ -141,7 +141,7 @@ where
     tracing::error!(batch = jobs.len(), "{message}");
     metrics::counter!(m::MODEL_FAILURES, "modality" => modality).increment(1);
     for job in jobs {
-        let _ = job.reply.send(Err(Error::Internal(message.clone())));
+        let _ = job.reply.send(Err(Error::new(Reason::ModelFailure, message.clone())));
     }
     panicked
 }
@@ -226,7 +226,7 @@ pub fn run_worker(
 
 /// Answers every batch INTERNAL until the batcher closes.
 fn fail_forever(batcher: &Batcher) {
-    let message = || Error::Internal("model worker failed and could not be restarted".into());
+    let message = || Error::new(Reason::ModelFailure, "model worker failed and could not be restarted");
     while let Some(batch) = batcher.next_batch() {
         match batch {
             Batch::Images(jobs) => jobs.into_iter().for_each(|j| drop(j.reply.send(Err(message())))),
@@ -346,6 +346,7 @@ fn warm_up(backend: &mut dyn Backend, manifest: &Manifest) -> anyhow::Result<()>
 mod tests {
     use super::*;
     use crate::batching::{BatcherConfig, ImageInput, TextInput};
+    use crate::error::Kind as ErrorKind;
     use std::time::Duration;
     use tokio::sync::oneshot;
 
@@ -421,8 +422,12 @@ mod tests {
         let good = send_text(&b, vec![1]);
         b.close();
         let (replacements, healthy_after) = work(&b, 64, false);
-        assert!(matches!(bad.blocking_recv().unwrap(), Err(Error::Internal(m)) if m.contains("bad batch")));
-        assert!(matches!(panicking.blocking_recv().unwrap(), Err(Error::Internal(m)) if m.contains("panicked")));
+        assert!(
+            matches!(bad.blocking_recv().unwrap(), Err(e) if e.kind() == ErrorKind::Internal && e.message().contains("bad batch"))
+        );
+        assert!(
+            matches!(panicking.blocking_recv().unwrap(), Err(e) if e.kind() == ErrorKind::Internal && e.message().contains("panicked"))
+        );
         assert_eq!(good.blocking_recv().unwrap().unwrap(), vec![1.0, 1.0]);
         assert_eq!(replacements, 1, "the panicking backend is replaced once");
         assert_eq!(healthy_after, 0, "the worker has stopped");
@@ -451,7 +456,10 @@ mod tests {
         assert_eq!(attempts, RELOAD_ATTEMPTS as usize);
         assert!(panicking.blocking_recv().unwrap().is_err());
         for rx in later {
-            assert!(matches!(rx.blocking_recv().unwrap(), Err(Error::Internal(_))), "queued items are answered");
+            assert!(
+                matches!(rx.blocking_recv().unwrap(), Err(e) if e.kind() == ErrorKind::Internal),
+                "queued items are answered"
+            );
         }
     }
 }
