@@ -117,6 +117,13 @@ def make_images():
     specs.append(("webp_320x240.webp", encode(Image.fromarray(pattern(320, 240, 12)), "WEBP", lossless=True)))
     specs.append(("gif_200x120.gif", encode(Image.fromarray(pattern(200, 120, 13)).convert("P"), "GIF")))
     specs.append(("bmp_97x131.bmp", encode(Image.fromarray(pattern(97, 131, 14)), "BMP")))
+    # Extreme aspect ratios (only the crop window of a very long resized side is computed) and a progressive JPEG.
+    specs.append(("tall_5x2000.png", encode(Image.fromarray(pattern(5, 2000, 15)), "PNG")))
+    specs.append(("wide_2400x3.png", encode(Image.fromarray(pattern(2400, 3, 16)), "PNG")))
+    specs.append(("needle_1x700.gif", encode(Image.fromarray(pattern(1, 700, 17)).convert("P"), "GIF")))
+    specs.append(
+        ("progressive_500x375.jpg", encode(Image.fromarray(pattern(500, 375, 18)), "JPEG", quality=88, progressive=True))
+    )
     return specs
 
 

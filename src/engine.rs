@@ -224,9 +224,18 @@ impl Engine {
                 ),
             ));
         }
-        let checked: Vec<Result<ItemInput, Error>> = items.into_iter().map(|i| self.check_item(i)).collect();
-        let inputs: usize =
-            checked.iter().flatten().map(|i| i.image.is_some() as usize + i.text.is_some() as usize).sum();
+        let checked: Vec<(ItemInput, Option<Error>)> = items
+            .into_iter()
+            .map(|i| {
+                let e = self.check_item(&i).err();
+                (i, e)
+            })
+            .collect();
+        let inputs: usize = checked
+            .iter()
+            .filter(|(_, e)| e.is_none())
+            .map(|(i, _)| i.image.is_some() as usize + i.text.is_some() as usize)
+            .sum();
         let tickets = self.admission.admit(inputs, admission).await?;
         let collect = async {
             let (ids, work, urls, request) = self.submit(checked, tickets, deadline, budget);
@@ -249,7 +258,7 @@ impl Engine {
     }
 
     /// Refuses an item that cannot be embedded, before anything is admitted for it.
-    fn check_item(&self, item: ItemInput) -> Result<ItemInput, Error> {
+    fn check_item(&self, item: &ItemInput) -> Result<(), Error> {
         if item.id.len() > self.limits.max_id_bytes {
             return Err(Error::new(
                 Reason::IdTooLong,
@@ -259,14 +268,14 @@ impl Engine {
         if item.image.is_none() && item.text.is_none() {
             return Err(Error::new(Reason::EmptyItem, "item has neither an image nor a text"));
         }
-        Ok(item)
+        Ok(())
     }
 
     /// Hands each input with its ticket to the CPU pool (image URLs are returned, to be fetched first).
     #[allow(clippy::type_complexity)]
     fn submit(
         &self,
-        items: Vec<Result<ItemInput, Error>>,
+        items: Vec<(ItemInput, Option<Error>)>,
         tickets: Vec<Ticket>,
         deadline: Option<Instant>,
         budget: BudgetPermit,
@@ -279,15 +288,11 @@ impl Engine {
         let work = items
             .into_iter()
             .enumerate()
-            .map(|(index, item)| {
-                let item = match item {
-                    Ok(item) => item,
-                    Err(e) => {
-                        ids.push(String::new());
-                        return ItemWork::Failed(e);
-                    }
-                };
+            .map(|(index, (item, refused))| {
                 ids.push(item.id);
+                if let Some(e) = refused {
+                    return ItemWork::Failed(e);
+                }
                 let mut unit = |input: UnitInput| {
                     let (reply, rx) = oneshot::channel();
                     let ticket = tickets.next().expect("one ticket per input");

@@ -221,12 +221,22 @@ impl Preparer {
 
     /// Adds inputs of `request` to the pool.
     pub fn add(&self, request: &Arc<RequestWork>, units: impl IntoIterator<Item = Unit>) {
+        self.insert(request, units, 0);
+    }
+
+    /// Adds one announced input (see [`RequestWork::expect`]).
+    pub fn add_expected(&self, request: &Arc<RequestWork>, unit: Unit) {
+        self.insert(request, [unit], 1);
+    }
+
+    /// Queues `units`, of which `announced` were counted in `pending` already.
+    fn insert(&self, request: &Arc<RequestWork>, units: impl IntoIterator<Item = Unit>, announced: usize) {
         let insert = {
             let mut st = request.lock();
             let before = st.queued.len();
             st.queued.extend(units);
             let added = st.queued.len() - before;
-            st.pending += added;
+            st.pending = st.pending + added - announced;
             let insert = added > 0 && !st.in_ring;
             st.in_ring |= insert;
             insert
@@ -234,12 +244,6 @@ impl Preparer {
         if insert {
             self.shared.push(request.clone());
         }
-    }
-
-    /// Adds one announced input (see [`RequestWork::expect`]).
-    pub fn add_expected(&self, request: &Arc<RequestWork>, unit: Unit) {
-        request.lock().pending -= 1;
-        self.add(request, [unit]);
     }
 
     /// Stops the threads once the work queued now is done.

@@ -23,18 +23,6 @@ fn request(items: Vec<Item>) -> EmbedRequest {
     EmbedRequest { items, normalize: false }
 }
 
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_at_ten_times_the_queue_answers_every_call() {
     let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "8"]).await;

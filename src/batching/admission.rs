@@ -150,6 +150,13 @@ impl MemoryBudget {
         (self.total_kib as usize - self.kib.available_permits()) * 1024
     }
 
+    /// Waits until some of the budget is free, behind every caller already waiting for room (the semaphore is
+    /// fair). Readers call it before taking another message off a connection, so that past the budget they stop
+    /// reading (backpressure) instead of decoding more.
+    pub async fn wait_for_room(&self) {
+        let _ = self.kib.acquire().await;
+    }
+
     /// Holds `bytes` (rounded up to KiB; a single request larger than the whole budget holds all of it). With
     /// `Wait`, waits for room until `deadline` (forever without one); with `Reject`, fails at once when there is
     /// no room. Either failure is MEMORY_BUDGET_EXHAUSTED.

@@ -135,16 +135,19 @@ impl Embedder for EmbedderService {
             let closed = Box::pin(async move {
                 let _ = closing.wait_for(|c| *c).await;
             });
+            // The next message is read only while the memory budget has room: past it, streams stop reading
+            // (backpressure through HTTP/2 flow control) instead of decoding and holding more.
+            let gated = futures::stream::unfold((inbound, engine.clone()), next_within_budget);
             // `buffered` keeps at most `window` messages in flight and yields their answers in order; it reads
-            // no further from the client while the window is full (backpressure through HTTP/2 flow control).
-            let mut answers = inbound
+            // no further from the client while the window is full.
+            let mut answers = Box::pin(gated)
                 .take_until(closed)
                 .map(|message| {
                     let engine = engine.clone();
                     async move {
                         let message = message?;
                         metrics::counter!(m::STREAM_MESSAGES).increment(1);
-                        // Held before the next message is read: past the budget the stream stops reading.
+                        // The message's bytes are held against the budget until its inputs are prepared.
                         let size = prost::Message::encoded_len(&message);
                         let budget = engine.budget().acquire(size, Admission::Wait, deadline).await;
                         Ok::<_, Status>(stream_answer(&engine, message, deadline, budget).await)
@@ -200,6 +203,15 @@ impl EmbedderService {
         let embeddings = results.into_iter().map(|r| r.map(to_embedding)).collect::<Result<_, _>>()?;
         Ok(Response::new(pb::EmbedResponse { embeddings }))
     }
+}
+
+type Inbound = (Streaming<pb::EmbedRequest>, Arc<Engine>);
+
+/// The next message of a stream, read once the memory budget has room.
+async fn next_within_budget((mut inbound, engine): Inbound) -> Option<(Result<pb::EmbedRequest, Status>, Inbound)> {
+    engine.budget().wait_for_room().await;
+    let message = inbound.next().await?;
+    Some((message, (inbound, engine)))
 }
 
 /// One stream message's answer: each item its embedding or its own error; a message-level failure (e.g. too

@@ -51,6 +51,9 @@ pub fn never_stop() -> bool {
     false
 }
 
+/// Longest side of a BMP the decoder accepts.
+const MAX_BMP_SIDE: u32 = 65_535;
+
 /// Longest side Pillow can resize to (its image dimensions are C `int`s).
 pub const MAX_RESIZED_SIDE: u64 = i32::MAX as u64;
 
@@ -97,6 +100,9 @@ impl ImagePreprocessor {
         let format = reader.format().filter(|f| SUPPORTED.contains(f)).ok_or_else(|| {
             Error::new(Reason::UnsupportedImageFormat, "not a supported image (JPEG, PNG, WebP, GIF or BMP expected)")
         })?;
+        if format == ImageFormat::Bmp {
+            check_bmp_side(bytes)?;
+        }
         let (w, h) = reader
             .into_dimensions()
             .map_err(|e| Error::new(Reason::InvalidImage, format!("cannot decode image: {e}")))?;
@@ -110,6 +116,9 @@ impl ImagePreprocessor {
         if pixels == 0 {
             return Err(Error::new(Reason::InvalidImage, format!("image has no pixels ({w}x{h})")));
         }
+        // An aspect ratio that cannot be resized is refused before any decoding work.
+        resized_dims(w, h, self.size)?;
+
         if format == ImageFormat::Jpeg {
             // libjpeg pads a truncated file with gray and only warns; Pillow refuses it ("image file is truncated").
             if !jpeg_has_end(bytes) {
@@ -199,6 +208,24 @@ pub fn resized_dims(w: u32, h: u32, size: u32) -> Result<(u64, u64), Error> {
     }
     let size = size as u64;
     Ok(if w <= h { (size, new_long) } else { (new_long, size) })
+}
+
+/// Refuses a BMP whose header claims a side the decoder does not take, with the reason and limit named.
+fn check_bmp_side(bytes: &[u8]) -> Result<(), Error> {
+    let le32 = |at: usize| bytes.get(at..at + 4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let le16 = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as i64);
+    let dims = match le32(14) {
+        Some(12) => le16(18).zip(le16(20)),
+        Some(_) => le32(18).zip(le32(22)).map(|(w, h)| (w as i64, h as i64)),
+        None => None,
+    };
+    match dims {
+        Some((w, h)) if w.unsigned_abs().max(h.unsigned_abs()) > MAX_BMP_SIDE as u64 => Err(Error::new(
+            Reason::ImageDimensionsTooLarge,
+            format!("BMP image of {w}x{} pixels: BMP images are decoded up to {MAX_BMP_SIDE} pixels a side", h.abs()),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// True when an end-of-image marker follows the last start-of-scan marker. Entropy-coded data never holds a 0xFF

@@ -91,6 +91,18 @@ pub fn assert_close(a: &[f32], b: &[f32], what: &str) {
     assert!(diff < 1e-4 && cosine(a, b) > 0.99999, "{what}: max abs difference {diff}");
 }
 
+/// Resident memory of a process, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
 /// A `clipserve serve` child process, killed on drop.
 pub struct TestServer {
     child: Child,
