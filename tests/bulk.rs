@@ -2,7 +2,8 @@
 //! them; nothing lost, every embedding equal to the single-call one, failures in the errors file, and a second
 //! run that resumes instead of starting over. Then what goes wrong: an image the server will never take (one
 //! attempt, its reason in the errors file), no server to reach (a bounded wait and an error), inputs that cannot
-//! be read (one errors line each), and a server killed mid-run (nothing lost, nothing twice).
+//! be read (one errors line each), a message the server refuses (only the item that does not fit fails), and a
+//! server killed mid-run (nothing lost, nothing twice).
 
 mod common;
 
@@ -347,6 +348,31 @@ async fn an_image_over_the_server_limit_fails_once_with_the_server_reason() {
     assert_eq!(server.metric("clipserve_stream_messages_total").await, 3.0, "each item sent exactly once");
     // Eight attempts with backoff would take more than 20 s.
     assert!(took < Duration::from_secs(15), "took {took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_server_limit_fails_only_the_item_that_does_not_fit() {
+    // The server refuses the whole message; the client finds which item it was and sends the others again.
+    let server = TestServer::start(&model_dir("tiny"), &["--max-message-bytes", "60000"]).await;
+    let dir = temp_dir("bulk-message-limit");
+    let input = dir.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let mut good = HashSet::new();
+    for i in 0..10u32 {
+        let name = format!("img{i:02}.png");
+        save_image(&input.join(&name), i, 32);
+        good.insert(name);
+    }
+    save_noise(&input.join("img04-big.png"), 200);
+    assert!(std::fs::metadata(input.join("img04-big.png")).unwrap().len() > 60_000);
+    let output = dir.join("out.jsonl");
+    let (out, _) = embed_with(&["--batch", "8", "--server", &server.url()], &input, &output);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ids(&lines(&output)), sorted(&good), "every item that fits, once");
+    let failures = lines(&dir.join("out.errors.jsonl"));
+    assert_eq!(ids(&failures), ["img04-big.png"], "{failures:?}");
+    assert_eq!(failures[0]["code"], "OUT_OF_RANGE");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
