@@ -141,9 +141,15 @@ async fn a_progressive_scan_bomb_is_refused_at_the_scan_limit() {
     eprintln!("scan bomb: {} bytes", bomb.len());
     let server = TestServer::start(&model_dir("tiny"), &["--max-jpeg-scans", "50"]).await;
     let mut client = server.client().await;
+    let (cpu, rss) = (cpu_seconds(server.pid()), rss_mib(server.pid()));
     let start = Instant::now();
     let status = client.embed(request(vec![image("bomb", bomb.clone())])).await.unwrap_err();
     let took = start.elapsed();
+    eprintln!(
+        "scan bomb refused in {took:?}, {:.2} CPU s, RSS {:+.0} MiB",
+        cpu_seconds(server.pid()) - cpu,
+        rss_mib(server.pid()) - rss
+    );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(reason(&status), "IMAGE_TOO_COMPLEX");
     assert!(status.message().contains("50 scans"), "{}", status.message());
@@ -168,6 +174,7 @@ async fn decoding_stops_when_the_deadline_passes() {
     let bomb = scan_bomb(3000, 3000, 20_000);
     let mut call = tonic::Request::new(request(vec![image("bomb", bomb)]));
     call.set_timeout(Duration::from_secs(1));
+    let cpu = cpu_seconds(server.pid());
     let start = Instant::now();
     let status = client.embed(call).await.unwrap_err();
     assert!(matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled), "{status:?}");
@@ -175,8 +182,17 @@ async fn decoding_stops_when_the_deadline_passes() {
     let ok = client.embed(request(vec![image("ok", image_bytes("landscape_640x480.jpg"))])).await.unwrap();
     assert_eq!(ok.into_inner().embeddings[0].image_features.len(), 512);
     let waited = normal.elapsed();
-    eprintln!("bomb answered after {:?}; a normal call then took {waited:?}", normal - start);
+    eprintln!(
+        "bomb answered after {:?}; a normal call then took {waited:?}; {:.2} CPU s in all",
+        normal - start,
+        cpu_seconds(server.pid()) - cpu
+    );
     assert!(waited < Duration::from_secs(2), "the preprocessing thread was still busy: {waited:?}");
+    // And nothing goes on burning CPU for the abandoned item.
+    let before = cpu_seconds(server.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = cpu_seconds(server.pid()) - before;
+    assert!(idle < 0.3, "{idle:.2} CPU s used in a second after the bomb was abandoned");
     assert!(server.metric("clipserve_dropped_items_total{reason=\"deadline\"}").await >= 0.0);
 }
 
