@@ -152,6 +152,11 @@ pub struct ServeArgs {
     /// Threads libtorch may use inside one CPU forward pass; 0 leaves libtorch's default (one per core).
     #[arg(long, env = "CLIPSERVE_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
+
+    /// Testing only: tokenizing exactly this text panics, so that the panic handling of the preprocessing pool
+    /// can be tested over the wire. Never set in production.
+    #[arg(long, hide = true)]
+    pub inject_preprocess_panic: Option<String>,
 }
 
 /// Parses durations such as `0`, `250us`, `2ms`, `1.5s`.

@@ -101,6 +101,8 @@ pub struct EngineParts {
     pub info: ModelInfo,
     /// The model workers' health, for readiness.
     pub workers: Arc<WorkerHealth>,
+    /// Testing only: tokenizing exactly this text panics.
+    pub inject_panic_on_text: Option<String>,
 }
 
 /// The shared request path.
@@ -135,9 +137,20 @@ struct UrlJob {
 impl Engine {
     /// An engine feeding the batcher of `parts`.
     pub fn new(parts: EngineParts) -> anyhow::Result<Self> {
-        let EngineParts { batcher, images, tokenizer, fetcher, limits, cpu_threads, info, workers } = parts;
+        let EngineParts {
+            batcher,
+            images,
+            tokenizer,
+            fetcher,
+            limits,
+            cpu_threads,
+            info,
+            workers,
+            inject_panic_on_text,
+        } = parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
-        let preparer = Preparer::start(cpu_threads, PrepareContext { images, tokenizer, batcher })?;
+        let preparer =
+            Preparer::start(cpu_threads, PrepareContext { images, tokenizer, batcher, inject_panic_on_text })?;
         Ok(Engine {
             preparer: Arc::new(preparer),
             admission: AdmissionControl::new(limits.max_queued_items),

@@ -50,6 +50,8 @@ pub struct PrepareContext {
     pub images: ImagePreprocessor,
     pub tokenizer: ClipTokenizer,
     pub batcher: Arc<Batcher>,
+    /// Testing only: tokenizing exactly this text panics.
+    pub inject_panic_on_text: Option<String>,
 }
 
 /// The inputs of one request, as the pool sees them.
@@ -337,6 +339,9 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
         }
         UnitInput::Text(text) => {
             let r = guard("tokenize", format_args!("text of item {index}"), || {
+                if context.inject_panic_on_text.as_deref() == Some(text.as_str()) {
+                    panic!("injected preprocessing fault");
+                }
                 let ids = context.tokenizer.encode(&text)?;
                 Ok(Ready::Text(TextInput { ids }))
             });

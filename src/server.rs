@@ -97,7 +97,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         cpu_threads: args.cpu_threads,
         info,
         workers: workers.clone(),
+        inject_panic_on_text: args.inject_preprocess_panic.clone(),
     })?);
+    if args.inject_preprocess_panic.is_some() {
+        tracing::warn!("--inject-preprocess-panic is set: a text will panic on purpose (testing only)");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(args, engine, batcher, manifest, pool_config, workers))

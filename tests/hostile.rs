@@ -431,3 +431,34 @@ async fn streams_behind_a_full_queue_stay_within_the_memory_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_while_preparing_an_item_fails_that_item_only() {
+    let server = TestServer::start(&model_dir("tiny"), &["--inject-preprocess-panic", "boom"]).await;
+    let mut client = server.client().await;
+    let text = |id: &str, t: &str| Item { id: id.into(), image: None, text: Some(t.into()) };
+    // Unary: INTERNAL for the call, with the reason, naming the item.
+    let status = client.embed(request(vec![text("a", "fine"), text("b", "boom")])).await.unwrap_err();
+    assert_eq!((status.code(), reason(&status).as_str()), (Code::Internal, "INTERNAL_PANIC"), "{status:?}");
+    assert!(status.message().contains("item 1"), "{}", status.message());
+    // In a stream: that item's error, its neighbours and the next messages are embedded.
+    let messages = vec![
+        request(vec![text("c", "before"), text("d", "boom"), text("e", "after")]),
+        request(vec![text("f", "next message")]),
+    ];
+    let answers: Vec<_> =
+        client.embed_stream(futures::stream::iter(messages)).await.unwrap().into_inner().collect().await;
+    let first = &answers[0].as_ref().unwrap().embeddings;
+    assert_eq!(first[0].text_features.len(), 512);
+    assert_eq!(first[1].error.as_ref().unwrap().reason, "INTERNAL_PANIC");
+    assert_eq!(first[2].text_features.len(), 512);
+    assert_eq!(answers[1].as_ref().unwrap().embeddings[0].text_features.len(), 512);
+    assert_eq!(server.metric(r#"clipserve_panics_total{stage="tokenize"}"#).await, 2.0);
+    // Logged once per panic, with the item's index, and never through the default panic hook.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log: Vec<String> = server.log.try_iter().collect();
+    let panics: Vec<&String> = log.iter().filter(|l| l.contains("injected preprocessing fault")).collect();
+    assert_eq!(panics.len(), 2, "{panics:#?}");
+    assert!(panics.iter().all(|l| l.contains("text of item 1")), "{panics:#?}");
+    assert!(!log.iter().any(|l| l.contains("panicked at")), "the default hook printed a panic");
+}
