@@ -17,6 +17,7 @@ use crate::grpc::EmbedderService;
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
+use crate::metrics::layer::RequestMetricsLayer;
 use crate::model::{device, Manifest, ModelPool, PoolConfig, WorkerHealth};
 use crate::pb;
 use crate::pb::embedder_server::EmbedderServer;
@@ -145,6 +146,7 @@ async fn serve(
     };
     let mut grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(RequestMetricsLayer::grpc())
             .add_service(health_service)
             .add_service(reflection)
             .add_service(embedder)
@@ -158,7 +160,8 @@ async fn serve(
         metrics,
         max_request_bytes: args.max_request_bytes,
         api_key,
-    });
+    })
+    .layer(RequestMetricsLayer::http());
     let mut http_server =
         tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
     // The one line scripts and tests look for.

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::engine::{Admission, EmbedOptions, Engine, ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
 use crate::metrics as m;
+use crate::metrics::layer::CallStart;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
 
@@ -43,8 +44,21 @@ pub fn api_key_interceptor(
     }
 }
 
-/// Parses the `grpc-timeout` header (e.g. `250m`, `5S`) into a deadline.
-pub fn deadline_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
+/// How much earlier than its `grpc-timeout` a call gives up. tonic's server enforces the same header itself from
+/// the call's arrival and then answers CANCELLED ("Timeout expired"); giving up first, a millisecond (one tick of
+/// the runtime's timer) early, answers DEADLINE_EXCEEDED with its reason instead, as API.md says.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
+
+/// The deadline of a call: its `grpc-timeout` counted from the call's arrival (stamped by the request metrics
+/// layer; for a unary call that is before its message was read), less [`DEADLINE_MARGIN`].
+pub fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    let arrival = request.extensions().get::<CallStart>().map_or_else(Instant::now, |s| s.0);
+    let timeout = timeout_from_metadata(request.metadata())?;
+    arrival.checked_add(timeout.saturating_sub(DEADLINE_MARGIN))
+}
+
+/// Parses the `grpc-timeout` header (e.g. `250m`, `5S`).
+pub fn timeout_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
@@ -57,7 +71,7 @@ pub fn deadline_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    Instant::now().checked_add(timeout)
+    Some(timeout)
 }
 
 fn to_item(item: pb::Item) -> ItemInput {
@@ -112,10 +126,7 @@ type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status
 #[tonic::async_trait]
 impl Embedder for EmbedderService {
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let start = Instant::now();
-        let result = self.embed_unary(request).await;
-        record("Embed", start, result.as_ref().err().map_or(tonic::Code::Ok, |s| s.code()));
-        result
+        self.embed_unary(request).await
     }
 
     type EmbedStreamStream = EmbedStreamOut;
@@ -124,7 +135,7 @@ impl Embedder for EmbedderService {
         &self,
         request: Request<Streaming<pb::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        let deadline = deadline_from_metadata(request.metadata());
+        let deadline = deadline_of(&request);
         let inbound = request.into_inner();
         let engine = self.engine.clone();
         let window = self.stream_window;
@@ -171,7 +182,6 @@ impl Embedder for EmbedderService {
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.engine.info();
-        record("Info", Instant::now(), tonic::Code::Ok);
         Ok(Response::new(pb::InfoResponse {
             model_id: info.model_id.clone(),
             weights: info.weights.clone(),
@@ -184,14 +194,9 @@ impl Embedder for EmbedderService {
     }
 }
 
-fn record(rpc: &'static str, start: Instant, code: tonic::Code) {
-    metrics::counter!(m::REQUESTS, "transport" => "grpc", "rpc" => rpc, "outcome" => m::outcome(code)).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "transport" => "grpc", "rpc" => rpc).record(start.elapsed().as_secs_f64());
-}
-
 impl EmbedderService {
     async fn embed_unary(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let deadline = deadline_from_metadata(request.metadata());
+        let deadline = deadline_of(&request);
         let request = request.into_inner();
         let size = prost::Message::encoded_len(&request);
         let budget = self.engine.budget().acquire(size, Admission::Reject, deadline).await?;
@@ -255,13 +260,29 @@ mod tests {
     #[test]
     fn grpc_timeout_header() {
         let mut m = MetadataMap::new();
-        assert!(deadline_from_metadata(&m).is_none());
+        assert!(timeout_from_metadata(&m).is_none());
         m.insert("grpc-timeout", "250m".parse().unwrap());
-        let d = deadline_from_metadata(&m).unwrap() - Instant::now();
-        assert!(d <= Duration::from_millis(250) && d > Duration::from_millis(200));
+        assert_eq!(timeout_from_metadata(&m), Some(Duration::from_millis(250)));
         m.insert("grpc-timeout", "2S".parse().unwrap());
-        assert!(deadline_from_metadata(&m).unwrap() > Instant::now() + Duration::from_secs(1));
+        assert_eq!(timeout_from_metadata(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", "7u".parse().unwrap());
+        assert_eq!(timeout_from_metadata(&m), Some(Duration::from_micros(7)));
         m.insert("grpc-timeout", "xx".parse().unwrap());
-        assert!(deadline_from_metadata(&m).is_none());
+        assert!(timeout_from_metadata(&m).is_none());
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_calls_arrival() {
+        let mut request = Request::new(());
+        assert!(deadline_of(&request).is_none());
+        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
+        let arrival = Instant::now() - Duration::from_millis(100);
+        request.extensions_mut().insert(CallStart(arrival));
+        assert_eq!(deadline_of(&request), Some(arrival + Duration::from_millis(249)));
+        // Without the layer's stamp: from now.
+        let mut request = Request::new(());
+        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
+        let d = deadline_of(&request).unwrap() - Instant::now();
+        assert!(d <= Duration::from_millis(249) && d > Duration::from_millis(200));
     }
 }
