@@ -33,6 +33,41 @@ impl EmbedderService {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A handler's future whose panic becomes INTERNAL (INTERNAL_PANIC) for its call alone, counted in
+    /// `clipserve_panics_total{stage="grpc"}` and logged once. Uncaught, it would end the task serving the call
+    /// (and, for a stream, leave it to end as if it had succeeded).
+    struct Guarded<F> {
+        #[pin]
+        inner: F,
+        what: &'static str,
+    }
+}
+
+impl<F, T> std::future::Future for Guarded<F>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    type Output = Result<T, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        match crate::prepare::guard("grpc", format_args!("a call to {}", this.what), || Ok(inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(e) => std::task::Poll::Ready(Err(Status::from(e))),
+        }
+    }
+}
+
+/// `future`, with its panics answered INTERNAL (see [`Guarded`]); `what` names the call in the log.
+fn guarded<F, T>(what: &'static str, future: F) -> Guarded<F>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    Guarded { inner: future, what }
+}
+
 /// The gRPC side of the API key: checks the `authorization` metadata of every Embedder call.
 pub fn api_key_interceptor(
     key: crate::error::ApiKey,
@@ -126,7 +161,7 @@ type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status
 #[tonic::async_trait]
 impl Embedder for EmbedderService {
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        self.embed_unary(request).await
+        guarded("Embed", self.embed_unary(request)).await
     }
 
     type EmbedStreamStream = EmbedStreamOut;
@@ -141,7 +176,8 @@ impl Embedder for EmbedderService {
         let window = self.stream_window;
         let mut closing = self.closing.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::EmbedResponse, Status>>(window);
-        tokio::spawn(async move {
+        let failed = tx.clone();
+        let work = async move {
             // On shutdown the stream stops reading; what it already holds is answered, then it ends.
             let closed = Box::pin(async move {
                 let _ = closing.wait_for(|c| *c).await;
@@ -176,21 +212,31 @@ impl Embedder for EmbedderService {
                     break;
                 }
             }
+            Ok(())
+        };
+        tokio::spawn(async move {
+            // A panic ends the stream with INTERNAL rather than as if it had succeeded.
+            if let Err(status) = guarded("EmbedStream", work).await {
+                let _ = failed.send(Err(status)).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        let info = self.engine.info();
-        Ok(Response::new(pb::InfoResponse {
-            model_id: info.model_id.clone(),
-            weights: info.weights.clone(),
-            embedding_dim: info.embedding_dim as i32,
-            device: info.device.clone(),
-            dtype: info.dtype.clone(),
-            context_length: info.context_length as i32,
-            image_size: info.image_size as i32,
-        }))
+        guarded("Info", async {
+            let info = self.engine.info();
+            Ok(Response::new(pb::InfoResponse {
+                model_id: info.model_id.clone(),
+                weights: info.weights.clone(),
+                embedding_dim: info.embedding_dim as i32,
+                device: info.device.clone(),
+                dtype: info.dtype.clone(),
+                context_length: info.context_length as i32,
+                image_size: info.image_size as i32,
+            }))
+        })
+        .await
     }
 }
 
@@ -269,6 +315,22 @@ mod tests {
         assert_eq!(timeout_from_metadata(&m), Some(Duration::from_micros(7)));
         m.insert("grpc-timeout", "xx".parse().unwrap());
         assert!(timeout_from_metadata(&m).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal_panic_for_its_call_only() {
+        let panicking = guarded("Test", async {
+            tokio::task::yield_now().await; // panic on a later poll, as a handler deep in its work would
+            if std::hint::black_box(true) {
+                panic!("boom");
+            }
+            Ok::<u32, Status>(1)
+        });
+        let status = panicking.await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(crate::error::status_reason(&status).as_deref(), Some("INTERNAL_PANIC"));
+        assert!(!status.message().contains("boom"), "the panic's text is logged, not sent: {}", status.message());
+        assert_eq!(guarded("Test", async { Ok::<u32, Status>(2) }).await.unwrap(), 2);
     }
 
     #[test]
