@@ -152,6 +152,11 @@ pub struct ServeArgs {
     /// Threads libtorch may use inside one CPU forward pass; 0 leaves libtorch's default (one per core).
     #[arg(long, env = "CLIPSERVE_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
+
+    /// Tests only: makes the server fail on purpose (model panics, errors and stalls, failed reloads, panicking
+    /// handlers), as src/model/faults.rs describes. Hidden, and deliberately without an environment variable.
+    #[arg(long, hide = true, value_parser = crate::model::faults::FaultPlan::parse)]
+    pub inject_faults: Option<crate::model::faults::FaultPlan>,
 }
 
 /// Parses durations such as `0`, `250us`, `2ms`, `1.5s`.

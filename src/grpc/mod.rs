@@ -15,6 +15,7 @@ use crate::engine::{Admission, EmbedOptions, Engine, ImageSource, ItemInput, Ite
 use crate::error::Error;
 use crate::metrics as m;
 use crate::metrics::layer::CallStart;
+use crate::model::faults::Faults;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
 
@@ -23,13 +24,20 @@ pub struct EmbedderService {
     engine: Arc<Engine>,
     stream_window: usize,
     closing: tokio::sync::watch::Receiver<bool>,
+    faults: Option<Arc<Faults>>,
 }
 
 impl EmbedderService {
     /// A service over `engine`, holding at most `stream_window` messages of one stream in flight. When `closing`
     /// turns true, open streams stop reading, finish the messages they hold, and end.
     pub fn new(engine: Arc<Engine>, stream_window: usize, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        EmbedderService { engine, stream_window: stream_window.max(1), closing }
+        EmbedderService { engine, stream_window: stream_window.max(1), closing, faults: None }
+    }
+
+    /// The same service, failing on purpose as `--inject-faults` plans (tests only).
+    pub fn with_faults(mut self, faults: Option<Arc<Faults>>) -> Self {
+        self.faults = faults;
+        self
     }
 }
 
@@ -161,7 +169,13 @@ type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status
 #[tonic::async_trait]
 impl Embedder for EmbedderService {
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        guarded("Embed", self.embed_unary(request)).await
+        guarded("Embed", async {
+            if let Some(faults) = &self.faults {
+                faults.before_embed_call();
+            }
+            self.embed_unary(request).await
+        })
+        .await
     }
 
     type EmbedStreamStream = EmbedStreamOut;
