@@ -16,6 +16,7 @@ model on every device/dtype available before it writes anything.
 
 Where the checkpoint cannot be fetched (no route to the hub), the same architecture is written with seeded
 random weights; this is recorded in manifest["weights"] as "random-init:seed=<n>" and printed loudly.
+With --random-init (and --tiny) the export never touches the network: the architecture is built locally.
 """
 
 import argparse
@@ -215,6 +216,37 @@ def tiny_config():
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
 
 
+def vit_b32_config():
+    """openai/clip-vit-base-patch32's architecture, as its config.json on the hub describes it."""
+    from transformers import CLIPConfig
+
+    text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0, projection_dim=512,
+                bos_token_id=START_TOKEN_ID, eos_token_id=END_TOKEN_ID, pad_token_id=1)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  image_size=224, patch_size=32, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  attention_dropout=0.0, initializer_range=0.02, initializer_factor=1.0, projection_dim=512)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512, logit_scale_init_value=2.6592,
+                      initializer_factor=1.0)
+
+
+def random_config(source: str):
+    """The architecture for random weights, found without the network: a local folder's config, the ViT-B/32
+    values for the default model, else the hub cache (or ViT-B/32, said loudly)."""
+    from transformers import CLIPConfig
+
+    if Path(source).is_dir():
+        return CLIPConfig.from_pretrained(source)
+    if source == DEFAULT_MODEL:
+        return vit_b32_config()
+    try:
+        return CLIPConfig.from_pretrained(source, local_files_only=True)
+    except Exception:
+        log(f"no local config for {source!r}: using the ViT-B/32 architecture ({DEFAULT_MODEL})")
+        return vit_b32_config()
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
     """One quick TCP connect, so an offline machine does not sit through the hub client's retries."""
     import socket
@@ -232,7 +264,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 def load_hf_model(source: str, tiny: bool, seed: int, force_random: bool):
     """Returns (eager CLIPModel in fp32 eval mode, weights label, model_id)."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     if tiny:
         torch.manual_seed(seed)
@@ -249,12 +281,8 @@ def load_hf_model(source: str, tiny: bool, seed: int, force_random: bool):
     log("!" * 78)
     log(f"WRITING RANDOM WEIGHTS (seed={seed}): same architecture as {source}, embeddings are NOT meaningful")
     log("!" * 78)
+    config = random_config(source)
     torch.manual_seed(seed)
-    # CLIPConfig's defaults are the ViT-B/32 architecture (openai/clip-vit-base-patch32).
-    try:
-        config = CLIPConfig.from_pretrained(source)
-    except Exception:
-        config = CLIPConfig()
     return CLIPModel(config).eval(), f"random-init:seed={seed}", source
 
 
@@ -290,11 +318,12 @@ def write_vocab_from_open_clip(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
-def load_tokenizer(source: str, tiny: bool):
-    """Returns (CLIPTokenizer (fast, tokenizers-backed), label of where it came from)."""
+def load_tokenizer(source: str, tiny: bool, offline: bool):
+    """Returns (CLIPTokenizer (fast, tokenizers-backed), label of where it came from). `offline`: never ask the hub
+    (the tokenizer is then built from open_clip's BPE file unless `source` is a local folder)."""
     from transformers import CLIPTokenizer
 
-    if not tiny and (Path(source).is_dir() or hub_reachable()):
+    if not tiny and (Path(source).is_dir() or (not offline and hub_reachable())):
         try:
             return CLIPTokenizer.from_pretrained(source), f"pretrained:{source}"
         except Exception as exc:
@@ -380,8 +409,12 @@ def main() -> None:
 
     t0 = time.time()
     torch.set_grad_enabled(False)
+    offline = args.tiny or args.random_init
+    if offline:
+        # Read by huggingface_hub when transformers is first imported (below): no hub requests at all.
+        os.environ["HF_HUB_OFFLINE"] = "1"
     hf_model, weights, model_id = load_hf_model(args.model, args.tiny, args.seed, args.random_init)
-    tokenizer, tokenizer_source = load_tokenizer(args.model, args.tiny)
+    tokenizer, tokenizer_source = load_tokenizer(args.model, args.tiny, offline)
     config = hf_model.config
 
     image_mean, image_std, image_size = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, config.vision_config.image_size

@@ -157,6 +157,11 @@ pub struct ServeArgs {
     /// can be tested over the wire. Never set in production.
     #[arg(long, hide = true)]
     pub inject_preprocess_panic: Option<String>,
+
+    /// Tests only: makes the server fail on purpose (model panics, errors and stalls, failed reloads, panicking
+    /// handlers), as src/model/faults.rs describes. Hidden, and deliberately without an environment variable.
+    #[arg(long, hide = true, value_parser = crate::model::faults::FaultPlan::parse)]
+    pub inject_faults: Option<crate::model::faults::FaultPlan>,
 }
 
 /// Parses durations such as `0`, `250us`, `2ms`, `1.5s`.

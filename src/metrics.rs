@@ -1,10 +1,14 @@
 //! Prometheus metrics: names (with their units), buckets, and the recorder served on `GET /metrics`.
 
+pub mod layer;
+
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Calls answered, by `transport` (grpc, http), `rpc` and `outcome` (ok or the gRPC code's name).
+/// Calls answered, by `transport` (grpc, http), `rpc` and `outcome` (gRPC: the final status's code name, `ok`,
+/// `invalid_argument`, ...; a call abandoned before its status counts as `cancelled`. HTTP: `ok` or the status
+/// code). Counted by [`layer::RequestMetricsLayer`].
 pub const REQUESTS: &str = "clipserve_requests_total";
 /// EmbedStream request messages taken from clients' streams for processing.
 pub const STREAM_MESSAGES: &str = "clipserve_stream_messages_total";
@@ -74,17 +78,26 @@ fn describe() {
     describe_counter!(ERRORS, "Errors answered, by reason");
 }
 
-/// The outcome label of a gRPC code: `ok`, `invalid_argument`, ...
+/// The outcome label of a gRPC code: `ok`, `invalid_argument`, ... (the code's name in snake case).
 pub fn outcome(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "ok",
         Cancelled => "cancelled",
+        Unknown => "unknown",
         InvalidArgument => "invalid_argument",
         DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
         ResourceExhausted => "resource_exhausted",
-        Unavailable => "unavailable",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
         Internal => "internal",
-        _ => "other",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
     }
 }

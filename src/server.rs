@@ -17,6 +17,8 @@ use crate::grpc::EmbedderService;
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
+use crate::metrics::layer::RequestMetricsLayer;
+use crate::model::faults::Faults;
 use crate::model::{device, Manifest, ModelPool, PoolConfig, WorkerHealth};
 use crate::pb;
 use crate::pb::embedder_server::EmbedderServer;
@@ -39,12 +41,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let devices = device::parse_devices(&args.device)?;
+    let faults = args.inject_faults.clone().map(|plan| Arc::new(Faults::new(plan)));
     let pool_config = PoolConfig {
         model_dir: args.model.clone(),
         devices: devices.clone(),
         workers_per_device: args.workers_per_device,
         fp16: args.fp16,
         torch_threads: args.torch_threads,
+        faults: faults.clone(),
     };
     let info = ModelInfo {
         model_id: manifest.model_id.clone(),
@@ -137,9 +141,12 @@ async fn serve(
     let api_key = ApiKey::new(args.api_key.clone());
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let embedder = InterceptedService::new(
-        EmbedderServer::new(EmbedderService::new(engine.clone(), args.stream_window, closing_rx))
-            .max_decoding_message_size(args.max_message_bytes)
-            .max_encoding_message_size(args.max_message_bytes),
+        EmbedderServer::new(
+            EmbedderService::new(engine.clone(), args.stream_window, closing_rx)
+                .with_faults(pool_config.faults.clone()),
+        )
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes),
         api_key_interceptor(api_key.clone()),
     );
 
@@ -149,6 +156,7 @@ async fn serve(
     };
     let mut grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(RequestMetricsLayer::grpc())
             .add_service(health_service)
             .add_service(reflection)
             .add_service(embedder)
@@ -162,7 +170,8 @@ async fn serve(
         metrics,
         max_request_bytes: args.max_request_bytes,
         api_key,
-    });
+    })
+    .layer(RequestMetricsLayer::http());
     let mut http_server =
         tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
     // The one line scripts and tests look for.

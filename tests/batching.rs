@@ -1,6 +1,8 @@
 //! Dynamic batching, admission, deadlines, cancellation and metrics, observed over the wire.
 
 mod common;
+#[path = "support/raw_h2.rs"]
+mod raw_h2;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,9 +11,21 @@ use std::time::Duration;
 use clipserve::pb::{item::Image, EmbedRequest, Item};
 use common::*;
 use futures::StreamExt;
+use raw_h2::RawConnection;
 
 fn text_request(t: &str) -> EmbedRequest {
     EmbedRequest { items: vec![Item { id: t.into(), image: None, text: Some(t.into()) }], normalize: false }
+}
+
+/// Waits (up to 20 s) until `sample` reaches `want`; false if it never does.
+async fn wait_for(server: &TestServer, sample: &str, want: f64) -> bool {
+    for _ in 0..400 {
+        if server.metric(sample).await >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// Waits (up to 20 s) until `sample` holds still for a second, and returns its value; None if it never does.
@@ -116,10 +130,10 @@ async fn an_expired_deadline_never_reaches_the_model() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_cancelled_stream_stops_consuming() {
+async fn a_stream_whose_client_stops_reading_stops_reading_too() {
     let window = 4;
     let server = TestServer::start(&model_dir("tiny"), &["--stream-window", &window.to_string()]).await;
-    let mut client = server.client().await;
+    let connection = RawConnection::connect(&server.grpc_addr).await;
     let pulled = Arc::new(AtomicUsize::new(0));
     let counter = pulled.clone();
     // An endless request stream that counts how many messages the server has taken.
@@ -127,7 +141,7 @@ async fn a_cancelled_stream_stops_consuming() {
         counter.fetch_add(1, Ordering::SeqCst);
         text_request(&format!("message {i}"))
     });
-    let mut responses = client.embed_stream(requests).await.unwrap().into_inner();
+    let mut responses = connection.client().embed_stream(requests).await.unwrap().into_inner();
     for _ in 0..3 {
         let r = responses.next().await.unwrap().unwrap();
         assert_eq!(r.embeddings[0].text_features.len(), 512);
@@ -136,11 +150,58 @@ async fn a_cancelled_stream_stops_consuming() {
     let stalled = settled(&server, "clipserve_stream_messages_total").await.expect("server kept consuming");
     let produced = pulled.load(Ordering::SeqCst);
     assert!(stalled < produced as f64, "server took all {produced} messages the client offered");
-    // Cancel: the client goes away (as a process that exits does) and the connection closes.
-    drop(responses);
-    drop(client);
-    let received = settled(&server, "clipserve_stream_messages_total").await.expect("server still reading");
-    let embedded = server.metric(r#"clipserve_model_items_total{modality="text"}"#).await;
-    assert!(embedded <= received, "embedded {embedded} of {received} received");
-    eprintln!("client offered {produced} messages; server took {received}, embedded {embedded}");
+    // The client goes away (its connection closes, as when its process exits): the server notices, ends the
+    // stream, and takes nothing more.
+    connection.cut();
+    let cancelled = r#"clipserve_requests_total{transport="grpc",rpc="EmbedStream",outcome="cancelled"}"#;
+    let mut ended = 0.0;
+    for _ in 0..100 {
+        ended = server.metric(cancelled).await;
+        if ended >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ended, 1.0, "the server did not notice that the client went away");
+    assert_eq!(server.metric("clipserve_stream_messages_total").await, stalled, "server read on after the client left");
+    eprintln!("client offered {produced} messages; server took {stalled}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_stream_drops_its_queued_work_before_the_model() {
+    let window = 4;
+    // The first forward pass stalls for 5 s: the stream's messages queue up behind it.
+    let server = TestServer::start(
+        &model_dir("tiny"),
+        &["--stream-window", &window.to_string(), "--inject-faults", "model-stall:ms=5000"],
+    )
+    .await;
+    let mut client = server.client().await;
+    let blocking = tokio::spawn(async move { client.embed(text_request("blocker")).await });
+    assert!(
+        wait_for(&server, r#"clipserve_batch_size_count{modality="text"}"#, 1.0).await,
+        "the stalled forward pass never started"
+    );
+
+    let connection = RawConnection::connect(&server.grpc_addr).await;
+    let endless = futures::stream::iter(0..).map(|i: usize| text_request(&format!("message {i}")));
+    let _responses = connection.client().embed_stream(endless).await.unwrap().into_inner();
+    // The server holds one window of messages, their texts queued for the model, and reads no further.
+    assert!(
+        wait_for(&server, r#"clipserve_queue_depth{modality="text"}"#, window as f64).await,
+        "the stream's texts were not queued"
+    );
+    assert_eq!(server.metric("clipserve_stream_messages_total").await, window as f64);
+
+    // The client goes away while its work waits: none of it may reach the model.
+    connection.cut();
+    assert!(blocking.await.unwrap().is_ok());
+    assert!(
+        wait_for(&server, r#"clipserve_dropped_items_total{reason="cancelled"}"#, window as f64).await,
+        "the cancelled stream's queued items were not dropped"
+    );
+    let m = server.metrics().await;
+    assert_eq!(metric_value(&m, r#"clipserve_dropped_items_total{reason="cancelled"}"#), window as f64);
+    assert_eq!(metric_value(&m, r#"clipserve_model_items_total{modality="text"}"#), 1.0, "only the blocker ran");
+    assert_eq!(metric_value(&m, "clipserve_stream_messages_total"), window as f64, "read on after the cancel");
 }

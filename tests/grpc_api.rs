@@ -2,11 +2,14 @@
 //! streams with per-item errors, health, reflection, limits and overload.
 
 mod common;
+#[path = "support/raw_h2.rs"]
+mod raw_h2;
 
 use base64::Engine as _;
 use clipserve::pb::{item::Image, EmbedRequest, InfoRequest, Item};
 use common::*;
 use futures::StreamExt;
+use raw_h2::RawConnection;
 use tonic::Code;
 
 fn text(id: &str, t: &str) -> Item {
@@ -257,16 +260,48 @@ async fn overload_rejects_at_once_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_deadline_gives_deadline_exceeded() {
-    let server = TestServer::start(&model_dir("vit-b32"), &[]).await;
+    // The first forward pass stalls for 3 s, so that a call made meanwhile cannot be served before its deadline.
+    let server = TestServer::start(&model_dir("tiny"), &["--inject-faults", "model-stall:ms=3000"]).await;
     let mut client = server.client().await;
-    let items = (0..16).map(|j| image(&j.to_string(), image_bytes("large_2000x1500.jpg"))).collect();
-    let mut req = tonic::Request::new(request(items));
-    req.set_timeout(std::time::Duration::from_millis(50));
-    let status = client.embed(req).await.unwrap_err();
-    // The server answers DEADLINE_EXCEEDED when the deadline passes; tonic's client enforces the same deadline
-    // and may report it first as a cancelled timeout.
-    let client_timeout = status.code() == Code::Cancelled && status.message().contains("Timeout");
-    assert!(status.code() == Code::DeadlineExceeded || client_timeout, "{status:?}");
+    let mut blocker = client.clone();
+    let blocking = tokio::spawn(async move { blocker.embed(request(vec![text("b", "blocker")])).await });
+    let mut started = false;
+    for _ in 0..400 {
+        if server.metric(r#"clipserve_batch_size_count{modality="text"}"#).await >= 1.0 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(started, "the stalled forward pass never started");
+
+    // A client that does not enforce the deadline itself (tonic's channel would, and report its own CANCELLED):
+    // what it gets is the server's answer.
+    let connection = RawConnection::connect(&server.grpc_addr).await;
+    let mut req = tonic::Request::new(request(vec![text("late", "too late")]));
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    let status = connection.client().embed(req).await.unwrap_err();
+    let waited = sent.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(clipserve::error::status_reason(&status).as_deref(), Some("DEADLINE_EXCEEDED"));
+    assert!(waited < std::time::Duration::from_millis(2000), "answered after {waited:?}");
+
+    // Once the model is free again, the late item is dropped before it: only the blocker ran.
+    assert_eq!(blocking.await.unwrap().unwrap().into_inner().embeddings.len(), 1);
+    let mut dropped = 0.0;
+    for _ in 0..100 {
+        dropped = server.metric(r#"clipserve_dropped_items_total{reason="deadline"}"#).await;
+        if dropped >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(dropped, 1.0, "the late item was not dropped for its deadline");
+    let m = server.metrics().await;
+    assert_eq!(metric_value(&m, r#"clipserve_model_items_total{modality="text"}"#), 1.0, "the late item ran");
+    let outcome = r#"clipserve_requests_total{transport="grpc",rpc="Embed",outcome="deadline_exceeded"}"#;
+    assert_eq!(metric_value(&m, outcome), 1.0);
     // Still serving afterwards.
     let ok = client.embed(request(vec![text("t", "still here")])).await.unwrap().into_inner();
     assert_eq!(ok.embeddings[0].text_features.len(), 512);

@@ -5,6 +5,11 @@
 //! to the maximum batch size for that modality. There is no timer by default: a free worker never waits while work
 //! is queued (`max_batch_delay` can trade latency for fuller batches). Items whose caller has gone away or whose
 //! deadline has passed are dropped here, before they reach the model.
+//!
+//! With a batch delay, a worker that holds a partial batch open *claims* its modality: the other workers leave
+//! that queue to it and serve the other one, so one worker waiting for images to pile up never keeps a text
+//! waiting while another worker is idle. Every change that may let a worker proceed (new work, a claim released,
+//! closing) wakes all waiting workers, each of which looks again at what it may take.
 
 pub mod admission;
 
@@ -84,6 +89,12 @@ pub enum Modality {
 }
 
 impl Modality {
+    const ALL: [Modality; 2] = [Modality::Image, Modality::Text];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// `image` or `text`, as used in metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -116,6 +127,18 @@ struct Queues {
     texts: VecDeque<Job<TextInput>>,
     closed: bool,
     stats: BatcherStats,
+    /// Modalities a worker is holding open for a fuller batch (image, text); only that worker takes from them.
+    claimed: [bool; 2],
+}
+
+impl Queues {
+    /// When the oldest queued item of `modality` was queued, and how many are queued.
+    fn head(&self, modality: Modality) -> Option<(Instant, usize)> {
+        match modality {
+            Modality::Image => self.images.front().map(|j| (j.enqueued_at, self.images.len())),
+            Modality::Text => self.texts.front().map(|j| (j.enqueued_at, self.texts.len())),
+        }
+    }
 }
 
 /// The two queues, shared by the request handlers (producers) and the model workers (consumers).
@@ -133,10 +156,12 @@ enum Fate {
 }
 
 fn fate<T>(job: &Job<T>, now: Instant) -> Fate {
-    if job.reply.is_closed() {
-        Fate::Cancelled
-    } else if job.deadline.is_some_and(|d| d <= now) {
+    // An expired item counts as such even when its caller has stopped waiting already: the deadline is why
+    // the caller went (a gRPC handler answers DEADLINE_EXCEEDED at the deadline and drops its receivers).
+    if job.deadline.is_some_and(|d| d <= now) {
         Fate::Expired
+    } else if job.reply.is_closed() {
+        Fate::Cancelled
     } else {
         Fate::Run
     }
@@ -221,11 +246,9 @@ impl Batcher {
         }));
         drop(q);
         metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).increment(n as f64);
-        if n == 1 {
-            self.work.notify_one();
-        } else {
-            self.work.notify_all();
-        }
+        // Not notify_one: the worker woken could be one holding the other modality open, which would go back to
+        // waiting while an idle worker sleeps on.
+        self.work.notify_all();
     }
 
     /// A copy of the counters.
@@ -242,41 +265,55 @@ impl Batcher {
     /// Blocks until there is work, and returns the next batch; `None` once closed and drained.
     pub fn next_batch(&self) -> Option<Batch> {
         let mut q = self.lock();
+        // The modality this worker holds open for a fuller batch, if any.
+        let mut mine: Option<Modality> = None;
         loop {
-            let image_head = q.images.front().map(|j| j.enqueued_at);
-            let text_head = q.texts.front().map(|j| j.enqueued_at);
-            let modality = match (image_head, text_head) {
-                (None, None) if q.closed => return None,
-                (None, None) => {
-                    q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
-                    continue;
-                }
-                (Some(_), None) => Modality::Image,
-                (None, Some(_)) => Modality::Text,
-                (Some(i), Some(t)) => {
-                    if i <= t {
-                        Modality::Image
-                    } else {
-                        Modality::Text
-                    }
-                }
+            let now = Instant::now();
+            // What this worker may take: queued work that no other worker is holding open.
+            let open = |q: &Queues, m: Modality| {
+                q.head(m).filter(|_| !q.claimed[m.index()] || mine == Some(m)).map(|(at, len)| (m, at, len))
             };
-            let (queued, max, head) = match modality {
-                Modality::Image => (q.images.len(), self.config.max_batch_images, image_head),
-                Modality::Text => (q.texts.len(), self.config.max_batch_texts, text_head),
-            };
-            // Optionally let a partial batch fill up, but never past the oldest item's allowance.
-            if !q.closed && queued < max && !self.config.max_batch_delay.is_zero() {
-                let waited = head.map(|h| h.elapsed()).unwrap_or_default();
-                if waited < self.config.max_batch_delay {
-                    let (guard, _) = self
-                        .work
-                        .wait_timeout(q, self.config.max_batch_delay - waited)
-                        .unwrap_or_else(|p| p.into_inner());
-                    q = guard;
-                    continue;
+            let candidates: Vec<(Modality, Instant, usize)> =
+                Modality::ALL.iter().filter_map(|&m| open(&q, m)).collect();
+            if candidates.is_empty() {
+                if let Some(m) = mine.take() {
+                    self.release(&mut q, m);
                 }
+                if q.closed && q.images.is_empty() && q.texts.is_empty() {
+                    return None;
+                }
+                q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
             }
+            // A batch is ready when it is full, when its oldest item has waited the whole delay, or when there
+            // is no waiting (no delay, or closing).
+            let closed = q.closed;
+            let remaining = |m: Modality, at: Instant, len: usize| -> Duration {
+                if closed || len >= self.max(m) {
+                    Duration::ZERO
+                } else {
+                    self.config.max_batch_delay.saturating_sub(now.duration_since(at))
+                }
+            };
+            let ready = candidates.iter().filter(|&&(m, at, len)| remaining(m, at, len).is_zero()).min_by_key(|c| c.1);
+            let Some(&(modality, _, _)) = ready else {
+                // Nothing is ready: hold the oldest modality open, and wake when the first one becomes ready.
+                let &(oldest, _, _) = candidates.iter().min_by_key(|c| c.1).expect("candidates is not empty");
+                if mine != Some(oldest) {
+                    if let Some(m) = mine.take() {
+                        self.release(&mut q, m);
+                    }
+                    q.claimed[oldest.index()] = true;
+                    mine = Some(oldest);
+                }
+                let wait = candidates.iter().map(|&(m, at, len)| remaining(m, at, len)).min().unwrap_or_default();
+                q = self.work.wait_timeout(q, wait).unwrap_or_else(|p| p.into_inner()).0;
+                continue;
+            };
+            if let Some(m) = mine.take() {
+                self.release(&mut q, m);
+            }
+            let max = self.max(modality);
             let Queues { images, texts, stats, .. } = &mut *q;
             let batch = match modality {
                 Modality::Image => Batch::Images(take(images, max, stats, modality)),
@@ -290,6 +327,19 @@ impl Batcher {
             stats.largest_batch = stats.largest_batch.max(batch.len());
             return Some(batch);
         }
+    }
+
+    fn max(&self, modality: Modality) -> usize {
+        match modality {
+            Modality::Image => self.config.max_batch_images,
+            Modality::Text => self.config.max_batch_texts,
+        }
+    }
+
+    /// Gives up a claim: the other workers may take from that queue again.
+    fn release(&self, q: &mut Queues, modality: Modality) {
+        q.claimed[modality.index()] = false;
+        self.work.notify_all();
     }
 }
 
@@ -383,6 +433,139 @@ mod tests {
         let (j, _rx) = text_job(7);
         b.push_text(j);
         assert_eq!(worker.join().unwrap(), Some(1));
+    }
+
+    fn delayed(delay_ms: u64) -> Arc<Batcher> {
+        Arc::new(Batcher::new(BatcherConfig {
+            max_batch_images: 4,
+            max_batch_texts: 4,
+            max_batch_delay: Duration::from_millis(delay_ms),
+        }))
+    }
+
+    /// Starts `n` workers that take batches until the batcher is closed, each batch's "forward pass" taking
+    /// `forward`, and report each batch's modality, size and when it was taken.
+    fn workers_with_forward(
+        b: &Arc<Batcher>,
+        n: usize,
+        forward: Duration,
+    ) -> std::sync::mpsc::Receiver<(Modality, usize, Instant)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..n {
+            let (b, tx) = (b.clone(), tx.clone());
+            std::thread::spawn(move || {
+                while let Some(batch) = b.next_batch() {
+                    let modality = if matches!(batch, Batch::Images(_)) { Modality::Image } else { Modality::Text };
+                    let _ = tx.send((modality, batch.len(), Instant::now()));
+                    std::thread::sleep(forward);
+                }
+            });
+        }
+        rx
+    }
+
+    fn workers(b: &Arc<Batcher>, n: usize) -> std::sync::mpsc::Receiver<(Modality, usize, Instant)> {
+        workers_with_forward(b, n, Duration::ZERO)
+    }
+
+    #[test]
+    fn a_partial_batch_waits_its_own_delay_not_the_other_modalitys_forward_pass() {
+        let b = delayed(300);
+        // Both workers are idle when the work comes; a forward pass takes a second.
+        let taken = workers_with_forward(&b, 2, Duration::from_millis(1000));
+        std::thread::sleep(Duration::from_millis(50));
+        let (i, _ri) = image_job();
+        b.push_image(i);
+        std::thread::sleep(Duration::from_millis(50));
+        let (t, _rt) = text_job(1);
+        let pushed = Instant::now();
+        b.push_text(t);
+        let mut text_taken = None;
+        for _ in 0..2 {
+            let (modality, _, at) = taken.recv_timeout(Duration::from_secs(5)).unwrap();
+            if modality == Modality::Text {
+                text_taken = Some(at - pushed);
+            }
+        }
+        let waited = text_taken.expect("the text was taken");
+        assert!(waited < Duration::from_millis(800), "the text waited {waited:?}: behind the image's forward pass");
+        b.close();
+    }
+
+    #[test]
+    fn a_second_worker_serves_texts_while_the_first_holds_images_open() {
+        let b = delayed(500);
+        let taken = workers(&b, 2);
+        let (i, _ri) = image_job();
+        b.push_image(i);
+        std::thread::sleep(Duration::from_millis(50)); // one worker now holds the partial image batch open
+        let mut rts = Vec::new();
+        for k in 0..4 {
+            let (t, rt) = text_job(k);
+            b.push_text(t); // one at a time: each push wakes the workers
+            rts.push(rt);
+        }
+        let pushed = Instant::now();
+        let (first, n, at) = taken.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((first, n), (Modality::Text, 4), "the full text batch waited for the image batch");
+        assert!(at - pushed < Duration::from_millis(250), "the texts were taken after {:?}", at - pushed);
+        let (second, n, at) = taken.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((second, n), (Modality::Image, 1));
+        assert!(at - pushed >= Duration::from_millis(350), "the image batch was not held for the delay");
+        b.close();
+    }
+
+    #[test]
+    fn a_held_batch_is_taken_whole_as_soon_as_it_is_full() {
+        let b = delayed(2000);
+        let taken = workers(&b, 3);
+        let mut rxs = Vec::new();
+        for _ in 0..4 {
+            let (i, rx) = image_job();
+            b.push_image(i);
+            rxs.push(rx);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (modality, n, _) = taken.recv_timeout(Duration::from_millis(1000)).expect("the full batch waited");
+        assert_eq!((modality, n), (Modality::Image, 4), "the batch held open was split between workers");
+        b.close();
+    }
+
+    #[test]
+    fn a_full_batch_goes_before_one_still_filling() {
+        let b = delayed(2000);
+        let (i, _ri) = image_job();
+        b.push_image(i);
+        let _rts: Vec<_> = (0..4)
+            .map(|k| {
+                let (t, rx) = text_job(k);
+                b.push_text(t);
+                rx
+            })
+            .collect();
+        let start = Instant::now();
+        assert!(matches!(b.next_batch(), Some(Batch::Texts(t)) if t.len() == 4));
+        assert!(start.elapsed() < Duration::from_millis(500), "waited {:?} for the image to fill", start.elapsed());
+    }
+
+    #[test]
+    fn the_delay_is_counted_from_the_oldest_item_and_closing_ends_it() {
+        let b = delayed(150);
+        let (t, _rt) = text_job(1);
+        b.push_text(t);
+        let start = Instant::now();
+        assert!(matches!(b.next_batch(), Some(Batch::Texts(t)) if t.len() == 1));
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(140) && waited < Duration::from_secs(2), "waited {waited:?}");
+
+        let b = delayed(60_000);
+        let taken = workers(&b, 2);
+        let (i, _ri) = image_job();
+        b.push_image(i);
+        std::thread::sleep(Duration::from_millis(50));
+        b.close();
+        let (modality, n, _) = taken.recv_timeout(Duration::from_secs(2)).expect("closing did not end the wait");
+        assert_eq!((modality, n), (Modality::Image, 1));
     }
 
     #[test]

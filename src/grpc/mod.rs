@@ -14,6 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::engine::{Admission, EmbedOptions, Engine, ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
 use crate::metrics as m;
+use crate::metrics::layer::CallStart;
+use crate::model::faults::Faults;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
 
@@ -22,14 +24,56 @@ pub struct EmbedderService {
     engine: Arc<Engine>,
     stream_window: usize,
     closing: tokio::sync::watch::Receiver<bool>,
+    faults: Option<Arc<Faults>>,
 }
 
 impl EmbedderService {
     /// A service over `engine`, holding at most `stream_window` messages of one stream in flight. When `closing`
     /// turns true, open streams stop reading, finish the messages they hold, and end.
     pub fn new(engine: Arc<Engine>, stream_window: usize, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        EmbedderService { engine, stream_window: stream_window.max(1), closing }
+        EmbedderService { engine, stream_window: stream_window.max(1), closing, faults: None }
     }
+
+    /// The same service, failing on purpose as `--inject-faults` plans (tests only).
+    pub fn with_faults(mut self, faults: Option<Arc<Faults>>) -> Self {
+        self.faults = faults;
+        self
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A handler's future whose panic becomes INTERNAL (INTERNAL_PANIC) for its call alone, counted in
+    /// `clipserve_panics_total{stage="grpc"}` and logged once. Uncaught, it would end the task serving the call
+    /// (and, for a stream, leave it to end as if it had succeeded).
+    struct Guarded<F> {
+        #[pin]
+        inner: F,
+        what: &'static str,
+    }
+}
+
+impl<F, T> std::future::Future for Guarded<F>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    type Output = Result<T, Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        match crate::prepare::guard("grpc", format_args!("a call to {}", this.what), || Ok(inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(e) => std::task::Poll::Ready(Err(Status::from(e))),
+        }
+    }
+}
+
+/// `future`, with its panics answered INTERNAL (see [`Guarded`]); `what` names the call in the log.
+fn guarded<F, T>(what: &'static str, future: F) -> Guarded<F>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    Guarded { inner: future, what }
 }
 
 /// The gRPC side of the API key: checks the `authorization` metadata of every Embedder call.
@@ -43,8 +87,21 @@ pub fn api_key_interceptor(
     }
 }
 
-/// Parses the `grpc-timeout` header (e.g. `250m`, `5S`) into a deadline.
-pub fn deadline_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
+/// How much earlier than its `grpc-timeout` a call gives up. tonic's server enforces the same header itself from
+/// the call's arrival and then answers CANCELLED ("Timeout expired"); giving up first, a millisecond (one tick of
+/// the runtime's timer) early, answers DEADLINE_EXCEEDED with its reason instead, as API.md says.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
+
+/// The deadline of a call: its `grpc-timeout` counted from the call's arrival (stamped by the request metrics
+/// layer; for a unary call that is before its message was read), less [`DEADLINE_MARGIN`].
+pub fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    let arrival = request.extensions().get::<CallStart>().map_or_else(Instant::now, |s| s.0);
+    let timeout = timeout_from_metadata(request.metadata())?;
+    arrival.checked_add(timeout.saturating_sub(DEADLINE_MARGIN))
+}
+
+/// Parses the `grpc-timeout` header (e.g. `250m`, `5S`).
+pub fn timeout_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
@@ -57,7 +114,7 @@ pub fn deadline_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    Instant::now().checked_add(timeout)
+    Some(timeout)
 }
 
 fn to_item(item: pb::Item) -> ItemInput {
@@ -112,10 +169,13 @@ type EmbedStreamOut = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status
 #[tonic::async_trait]
 impl Embedder for EmbedderService {
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let start = Instant::now();
-        let result = self.embed_unary(request).await;
-        record("Embed", start, result.as_ref().err().map_or(tonic::Code::Ok, |s| s.code()));
-        result
+        guarded("Embed", async {
+            if let Some(faults) = &self.faults {
+                faults.before_embed_call();
+            }
+            self.embed_unary(request).await
+        })
+        .await
     }
 
     type EmbedStreamStream = EmbedStreamOut;
@@ -124,13 +184,14 @@ impl Embedder for EmbedderService {
         &self,
         request: Request<Streaming<pb::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        let deadline = deadline_from_metadata(request.metadata());
+        let deadline = deadline_of(&request);
         let inbound = request.into_inner();
         let engine = self.engine.clone();
         let window = self.stream_window;
         let mut closing = self.closing.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::EmbedResponse, Status>>(window);
-        tokio::spawn(async move {
+        let failed = tx.clone();
+        let work = async move {
             // On shutdown the stream stops reading; what it already holds is answered, then it ends.
             let closed = Box::pin(async move {
                 let _ = closing.wait_for(|c| *c).await;
@@ -168,33 +229,37 @@ impl Embedder for EmbedderService {
                     break;
                 }
             }
+            Ok(())
+        };
+        tokio::spawn(async move {
+            // A panic ends the stream with INTERNAL rather than as if it had succeeded.
+            if let Err(status) = guarded("EmbedStream", work).await {
+                let _ = failed.send(Err(status)).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn info(&self, _request: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        let info = self.engine.info();
-        record("Info", Instant::now(), tonic::Code::Ok);
-        Ok(Response::new(pb::InfoResponse {
-            model_id: info.model_id.clone(),
-            weights: info.weights.clone(),
-            embedding_dim: info.embedding_dim as i32,
-            device: info.device.clone(),
-            dtype: info.dtype.clone(),
-            context_length: info.context_length as i32,
-            image_size: info.image_size as i32,
-        }))
+        guarded("Info", async {
+            let info = self.engine.info();
+            Ok(Response::new(pb::InfoResponse {
+                model_id: info.model_id.clone(),
+                weights: info.weights.clone(),
+                embedding_dim: info.embedding_dim as i32,
+                device: info.device.clone(),
+                dtype: info.dtype.clone(),
+                context_length: info.context_length as i32,
+                image_size: info.image_size as i32,
+            }))
+        })
+        .await
     }
-}
-
-fn record(rpc: &'static str, start: Instant, code: tonic::Code) {
-    metrics::counter!(m::REQUESTS, "transport" => "grpc", "rpc" => rpc, "outcome" => m::outcome(code)).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "transport" => "grpc", "rpc" => rpc).record(start.elapsed().as_secs_f64());
 }
 
 impl EmbedderService {
     async fn embed_unary(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let deadline = deadline_from_metadata(request.metadata());
+        let deadline = deadline_of(&request);
         let request = request.into_inner();
         let size = prost::Message::encoded_len(&request);
         let budget = self.engine.budget().acquire(size, Admission::Reject, deadline).await?;
@@ -267,13 +332,45 @@ mod tests {
     #[test]
     fn grpc_timeout_header() {
         let mut m = MetadataMap::new();
-        assert!(deadline_from_metadata(&m).is_none());
+        assert!(timeout_from_metadata(&m).is_none());
         m.insert("grpc-timeout", "250m".parse().unwrap());
-        let d = deadline_from_metadata(&m).unwrap() - Instant::now();
-        assert!(d <= Duration::from_millis(250) && d > Duration::from_millis(200));
+        assert_eq!(timeout_from_metadata(&m), Some(Duration::from_millis(250)));
         m.insert("grpc-timeout", "2S".parse().unwrap());
-        assert!(deadline_from_metadata(&m).unwrap() > Instant::now() + Duration::from_secs(1));
+        assert_eq!(timeout_from_metadata(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", "7u".parse().unwrap());
+        assert_eq!(timeout_from_metadata(&m), Some(Duration::from_micros(7)));
         m.insert("grpc-timeout", "xx".parse().unwrap());
-        assert!(deadline_from_metadata(&m).is_none());
+        assert!(timeout_from_metadata(&m).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal_panic_for_its_call_only() {
+        let panicking = guarded("Test", async {
+            tokio::task::yield_now().await; // panic on a later poll, as a handler deep in its work would
+            if std::hint::black_box(true) {
+                panic!("boom");
+            }
+            Ok::<u32, Status>(1)
+        });
+        let status = panicking.await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(crate::error::status_reason(&status).as_deref(), Some("INTERNAL_PANIC"));
+        assert!(!status.message().contains("boom"), "the panic's text is logged, not sent: {}", status.message());
+        assert_eq!(guarded("Test", async { Ok::<u32, Status>(2) }).await.unwrap(), 2);
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_calls_arrival() {
+        let mut request = Request::new(());
+        assert!(deadline_of(&request).is_none());
+        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
+        let arrival = Instant::now() - Duration::from_millis(100);
+        request.extensions_mut().insert(CallStart(arrival));
+        assert_eq!(deadline_of(&request), Some(arrival + Duration::from_millis(249)));
+        // Without the layer's stamp: from now.
+        let mut request = Request::new(());
+        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
+        let d = deadline_of(&request).unwrap() - Instant::now();
+        assert!(d <= Duration::from_millis(249) && d > Duration::from_millis(200));
     }
 }

@@ -4,7 +4,6 @@
 pub mod azure;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -18,7 +17,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::batching::BudgetPermit;
 use crate::engine::{Admission, EmbedOptions, Engine};
 use crate::error::{Error, Reason};
-use crate::metrics as m;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -70,30 +68,19 @@ impl IntoResponse for Error {
 }
 
 async fn score(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
-    embed_frame(&state, body, &["input_data", "dataframe_split"], "score").await
+    embed_frame(&state, body, &["input_data", "dataframe_split"]).await
 }
 
 async fn invocations(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
-    embed_frame(&state, body, &["dataframe_split", "input_data"], "invocations").await
+    embed_frame(&state, body, &["dataframe_split", "input_data"]).await
 }
 
-async fn embed_frame(
-    state: &HttpState,
-    body: Result<Bytes, BytesRejection>,
-    frame_keys: &[&str],
-    rpc: &'static str,
-) -> Response {
-    let start = Instant::now();
-    let result = run_frame(state, body, frame_keys).await;
-    let response = match result {
+async fn embed_frame(state: &HttpState, body: Result<Bytes, BytesRejection>, frame_keys: &[&str]) -> Response {
+    // Counted (clipserve_requests_total) by the request metrics layer around the router.
+    match run_frame(state, body, frame_keys).await {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => e.into_response(),
-    };
-    let status = response.status();
-    let outcome = if status.is_success() { "ok" } else { status.as_str() };
-    metrics::counter!(m::REQUESTS, "transport" => "http", "rpc" => rpc, "outcome" => outcome.to_string()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "transport" => "http", "rpc" => rpc).record(start.elapsed().as_secs_f64());
-    response
+    }
 }
 
 async fn run_frame(

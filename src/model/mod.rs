@@ -1,9 +1,10 @@
 //! The model: TorchScript loading, device and dtype handling, and the worker threads that run batches.
 
 pub mod device;
+pub mod faults;
 pub mod manifest;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -91,8 +92,23 @@ impl Backend for TorchBackend {
     }
 }
 
-/// What a forward pass left behind.
-type Outcome = std::thread::Result<anyhow::Result<Vec<Vec<f32>>>>;
+/// A backend that fails on purpose as `--inject-faults` plans (tests only).
+struct FaultyBackend {
+    inner: Box<dyn Backend>,
+    faults: Arc<faults::Faults>,
+}
+
+impl Backend for FaultyBackend {
+    fn encode_images(&mut self, images: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.faults.before_forward_pass()?;
+        self.inner.encode_images(images)
+    }
+
+    fn encode_texts(&mut self, texts: &[&[i64]]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.faults.before_forward_pass()?;
+        self.inner.encode_texts(texts)
+    }
+}
 
 /// True for a CUDA out-of-memory failure, which a smaller batch may avoid.
 fn is_out_of_memory(e: &anyhow::Error) -> bool {
@@ -100,23 +116,18 @@ fn is_out_of_memory(e: &anyhow::Error) -> bool {
     text.contains("out of memory") || text.contains("CUDA_ERROR_OUT_OF_MEMORY")
 }
 
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// Runs `jobs` through `forward` and answers each of them. A CUDA out-of-memory failure is retried in halves
-/// before it fails; any other failure fails exactly these jobs with INTERNAL. Returns true if `forward` panicked
-/// (the backend may be left in a bad state and should be replaced).
-fn run_jobs<T, F>(jobs: Vec<Job<T>>, modality: &'static str, forward: &mut F) -> bool
+/// before it fails; any other failure fails exactly these jobs with INTERNAL. A panic is counted
+/// (`clipserve_panics_total{stage="model"}`) and logged once, and `sick` is called before the jobs are answered, so
+/// that readiness already says so when the callers hear of the failure. Returns true if `forward` panicked (the
+/// backend may be left in a bad state and should be replaced).
+fn run_jobs<T, F>(jobs: Vec<Job<T>>, modality: &'static str, forward: &mut F, sick: &dyn Fn()) -> bool
 where
     F: FnMut(&[Job<T>]) -> anyhow::Result<Vec<Vec<f32>>>,
 {
     let start = std::time::Instant::now();
-    let outcome: Outcome = catch_unwind(AssertUnwindSafe(|| forward(&jobs)));
+    let n = jobs.len();
+    let outcome = crate::prepare::guard("model", format_args!("a batch of {n} {modality}s"), || Ok(forward(&jobs)));
     metrics::histogram!(m::INFERENCE_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
     let (message, panicked) = match outcome {
         Ok(Ok(vectors)) if vectors.len() == jobs.len() => {
@@ -130,15 +141,20 @@ where
             tracing::warn!(batch = jobs.len(), "out of memory; retrying the batch in halves");
             let mut first = jobs;
             let second = first.split_off(first.len() / 2);
-            let a = run_jobs(first, modality, forward);
-            let b = run_jobs(second, modality, forward);
+            let a = run_jobs(first, modality, forward, sick);
+            let b = run_jobs(second, modality, forward, sick);
             return a || b;
         }
         Ok(Ok(vectors)) => (format!("model returned {} embeddings for {} inputs", vectors.len(), jobs.len()), false),
         Ok(Err(e)) => (format!("model failure: {e:#}"), false),
-        Err(panic) => (format!("model worker panicked: {}", panic_text(panic.as_ref())), true),
+        // Logged (with the panic's message) and counted by `guard`.
+        Err(_) => (format!("model worker panicked while running a batch of {n} {modality}s (logged)"), true),
     };
-    tracing::error!(batch = jobs.len(), "{message}");
+    if panicked {
+        sick();
+    } else {
+        tracing::error!(batch = jobs.len(), "{message}");
+    }
     metrics::counter!(m::MODEL_FAILURES, "modality" => modality).increment(1);
     for job in jobs {
         let _ = job.reply.send(Err(Error::new(Reason::ModelFailure, message.clone())));
@@ -146,17 +162,27 @@ where
     panicked
 }
 
-/// Runs one batch on `backend`; true if the backend panicked.
-fn run_batch(batch: Batch, backend: &mut dyn Backend) -> bool {
+/// Runs one batch on `backend`; true if the backend panicked (`sick` was called before its items were answered).
+fn run_batch(batch: Batch, backend: &mut dyn Backend, sick: &dyn Fn()) -> bool {
     match batch {
-        Batch::Images(jobs) => run_jobs(jobs, "image", &mut |jobs: &[Job<ImageInput>]| {
-            let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.pixels.as_slice()).collect();
-            backend.encode_images(&inputs)
-        }),
-        Batch::Texts(jobs) => run_jobs(jobs, "text", &mut |jobs: &[Job<TextInput>]| {
-            let inputs: Vec<&[i64]> = jobs.iter().map(|j| j.input.ids.as_slice()).collect();
-            backend.encode_texts(&inputs)
-        }),
+        Batch::Images(jobs) => run_jobs(
+            jobs,
+            "image",
+            &mut |jobs: &[Job<ImageInput>]| {
+                let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.pixels.as_slice()).collect();
+                backend.encode_images(&inputs)
+            },
+            sick,
+        ),
+        Batch::Texts(jobs) => run_jobs(
+            jobs,
+            "text",
+            &mut |jobs: &[Job<TextInput>]| {
+                let inputs: Vec<&[i64]> = jobs.iter().map(|j| j.input.ids.as_slice()).collect();
+                backend.encode_texts(&inputs)
+            },
+            sick,
+        ),
     }
 }
 
@@ -189,11 +215,17 @@ pub fn run_worker(
     health: &WorkerHealth,
 ) {
     health.healthy.fetch_add(1, Ordering::SeqCst);
+    // Unhealthy from the moment a panic is caught (before its callers are answered) until the backend is replaced.
+    let sick = Cell::new(false);
+    let mark_sick = || {
+        if !sick.replace(true) {
+            health.healthy.fetch_sub(1, Ordering::SeqCst);
+        }
+    };
     while let Some(batch) = batcher.next_batch() {
-        if !run_batch(batch, backend.as_mut()) {
+        if !run_batch(batch, backend.as_mut(), &mark_sick) {
             continue;
         }
-        health.healthy.fetch_sub(1, Ordering::SeqCst);
         tracing::error!("model worker panicked: replacing its model instance");
         let mut replaced = None;
         for attempt in 1..=RELOAD_ATTEMPTS {
@@ -211,6 +243,7 @@ pub fn run_worker(
         match replaced {
             Some(b) => {
                 backend = b;
+                sick.set(false);
                 health.healthy.fetch_add(1, Ordering::SeqCst);
                 tracing::info!("model worker replaced its model instance");
             }
@@ -243,6 +276,8 @@ pub struct PoolConfig {
     pub workers_per_device: usize,
     pub fp16: bool,
     pub torch_threads: usize,
+    /// Faults to inject (`--inject-faults`, tests only).
+    pub faults: Option<Arc<faults::Faults>>,
 }
 
 impl PoolConfig {
@@ -288,10 +323,18 @@ impl ModelPool {
                 let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
                     // Grad mode is per thread: this thread only ever runs inference.
                     let _no_grad = tch::no_grad_guard();
+                    let mut loaded = false; // the first call loads; later ones reload after a panic
                     let mut factory: BackendFactory = Box::new(move || {
+                        if let (true, Some(faults)) = (loaded, &config.faults) {
+                            faults.before_reload()?;
+                        }
                         let mut b = TorchBackend::load(&config.model_dir, &manifest, device, config.half_on(device))?;
                         warm_up(&mut b, &manifest)?;
-                        Ok(Box::new(b) as Box<dyn Backend>)
+                        loaded = true;
+                        Ok(match &config.faults {
+                            Some(faults) => Box::new(FaultyBackend { inner: Box::new(b), faults: faults.clone() }),
+                            None => Box::new(b) as Box<dyn Backend>,
+                        })
                     });
                     let backend = match factory() {
                         Ok(b) => b,
@@ -431,6 +474,32 @@ mod tests {
         assert_eq!(good.blocking_recv().unwrap().unwrap(), vec![1.0, 1.0]);
         assert_eq!(replacements, 1, "the panicking backend is replaced once");
         assert_eq!(healthy_after, 0, "the worker has stopped");
+    }
+
+    #[test]
+    fn a_worker_is_unhealthy_before_the_callers_of_its_panicking_batch_hear_of_it() {
+        let b = batcher(1);
+        let panicking = send_text(&b, vec![999]);
+        let health = Arc::new(WorkerHealth::default());
+        let worker = {
+            let (b, health) = (b.clone(), health.clone());
+            std::thread::spawn(move || {
+                // A slow reload: the worker stays unhealthy for a while after answering.
+                let factory: BackendFactory = Box::new(|| {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(Box::new(Mock { max_texts: 64 }) as Box<dyn Backend>)
+                });
+                run_worker(&b, Box::new(Mock { max_texts: 64 }), factory, &health);
+            })
+        };
+        assert!(panicking.blocking_recv().unwrap().is_err());
+        assert_eq!(health.healthy(), 0, "the failure was answered while the worker still counted as healthy");
+        let later = send_text(&b, vec![5]);
+        assert_eq!(later.blocking_recv().unwrap().unwrap(), vec![5.0, 1.0]);
+        assert_eq!(health.healthy(), 1, "healthy again once replaced");
+        b.close();
+        worker.join().unwrap();
+        assert_eq!(health.healthy(), 0);
     }
 
     #[test]
