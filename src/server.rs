@@ -158,6 +158,7 @@ async fn serve(
         metrics,
         max_request_bytes: args.max_request_bytes,
         api_key,
+        max_text_chars: args.max_text_chars,
     });
     let mut http_server =
         tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });

@@ -29,6 +29,8 @@ pub struct HttpState {
     pub max_request_bytes: usize,
     /// Checked on the scoring routes.
     pub api_key: crate::error::ApiKey,
+    /// Longest text cell, in characters (413 past it, found while the body is parsed).
+    pub max_text_chars: usize,
 }
 
 /// The routes of the HTTP listener.
@@ -111,7 +113,11 @@ async fn run_frame(
             Error::new(Reason::MalformedRequest, format!("cannot read the request body: {rejection}"))
         }
     })?;
-    let request = azure::parse(&body, frame_keys)?;
+    let limits = azure::ParseLimits {
+        max_items: state.engine.limits().max_items_per_request,
+        max_text_chars: state.max_text_chars,
+    };
+    let request = azure::parse(&body, frame_keys, limits)?;
     let options = EmbedOptions {
         normalize: request.normalize,
         deadline: None,
