@@ -136,6 +136,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
 
+    /// Time a client has to send a whole request body to /score or /invocations (408 past it).
+    #[arg(long, env = "CLIPSERVE_HTTP_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+
+    /// How long an HTTP request body waits for room in the memory budget before it is refused with 429
+    /// (MEMORY_BUDGET_EXHAUSTED).
+    #[arg(long, env = "CLIPSERVE_HTTP_BUDGET_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub http_budget_wait: Duration,
+
     /// Require this API key: `Authorization: Bearer KEY` on /score and /invocations, `authorization: Bearer KEY`
     /// metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
     #[arg(long, env = "CLIPSERVE_API_KEY", hide_env_values = true)]

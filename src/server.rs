@@ -159,6 +159,8 @@ async fn serve(
         max_request_bytes: args.max_request_bytes,
         api_key,
         max_text_chars: args.max_text_chars,
+        body_timeout: args.http_body_timeout,
+        budget_wait: args.http_budget_wait,
     });
     let mut http_server =
         tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
