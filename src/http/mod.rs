@@ -2,6 +2,7 @@
 //! liveness, readiness and Prometheus metrics.
 
 pub mod azure;
+mod panic;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +38,7 @@ pub struct HttpState {
     pub budget_wait: Duration,
 }
 
-/// The routes of the HTTP listener.
+/// The routes of the HTTP listener. A panic in a handler answers that call with 500 INTERNAL_PANIC.
 pub fn router(state: HttpState) -> Router {
     let scoring = Router::new()
         .route("/score", post(score))
@@ -50,6 +51,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .merge(scoring)
         .with_state(state)
+        .layer(tower::layer::layer_fn(panic::CatchPanic))
 }
 
 /// Rejects scoring requests without the API key (when one is configured) before their body is read.
