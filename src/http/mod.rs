@@ -2,6 +2,7 @@
 //! liveness, readiness and Prometheus metrics.
 
 pub mod azure;
+pub mod listener;
 mod panic;
 
 use std::sync::Arc;
