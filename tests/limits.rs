@@ -150,11 +150,18 @@ async fn a_60_mb_body_of_tiny_rows_is_refused_early_in_bounded_memory() {
     let answers = futures::future::join_all((0..4).map(|_| post_body(&server, body.clone()))).await;
     let four = started.elapsed();
     assert!(answers.iter().all(|(s, a, _)| *s == 413 && a["reason"] == "TOO_MANY_ITEMS"), "{answers:?}");
+    // Twice sixteen bodies of 12 MB at once without a declared length: their buffers grow as they arrive, in
+    // pieces that the allocator must give back too.
+    let small = tiny_rows(12 << 20);
+    for _ in 0..2 {
+        let statuses = futures::future::join_all((0..16).map(|_| post_chunked(&server.http_addr, &small))).await;
+        assert!(statuses.iter().all(|s| *s == 413), "{statuses:?}");
+    }
     let peak = peak.peak_mib();
     let after = settle_rss(pid, baseline + 64.0, Duration::from_secs(5)).await;
     eprintln!(
-        "60 MB of tiny rows: 413 in {elapsed:?} (4 at once: {four:?}); RSS baseline {baseline:.0} MiB, peak \
-         {peak:.0} MiB, after {after:.0} MiB; a normal call during it took {normal_latency:?}"
+        "60 MB of tiny rows: 413 in {elapsed:?} (4 at once: {four:?}; then 2 x 16 x 12 MB chunked); RSS baseline \
+         {baseline:.0} MiB, peak {peak:.0} MiB, after {after:.0} MiB; a normal call during it took {normal_latency:?}"
     );
     // Up to four bodies of 60 MB at once: their bytes, not millions of parsed values.
     assert!(peak - baseline < 600.0, "memory grew from {baseline:.0} to {peak:.0} MiB");
@@ -257,6 +264,31 @@ async fn bodies_wait_for_the_memory_budget_then_get_429() {
     }
     assert_eq!(server.metric("clipserve_memory_budget_held_bytes").await, 0.0);
     eprintln!("budget: second body refused after {waited:?}; a normal call meanwhile took {latency:?}");
+}
+
+/// Sends `body` to /score in chunks of 64 KiB, without a declared length; the status of the answer. The sending
+/// side stays open until the answer is read (hyper drops a request whose client half-closes).
+async fn post_chunked(addr: &str, body: &[u8]) -> u16 {
+    let (mut rd, mut wr) = TcpStream::connect(addr).await.unwrap().into_split();
+    let body = body.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = send_chunked(&mut wr, &body).await;
+        wr
+    });
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut reply)).await;
+    writer.abort();
+    status_of(&reply)
+}
+
+async fn send_chunked(wr: &mut tokio::net::tcp::OwnedWriteHalf, body: &[u8]) -> std::io::Result<()> {
+    wr.write_all(b"POST /score HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await?;
+    for chunk in body.chunks(65536) {
+        wr.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
+        wr.write_all(chunk).await?;
+        wr.write_all(b"\r\n").await?;
+    }
+    wr.write_all(b"0\r\n\r\n").await
 }
 
 /// Reads until the peer closes (or resets) the connection, or `limit` passes; what was read, and when it closed.
