@@ -14,6 +14,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC service and the HTTP listener on one model.
@@ -135,6 +137,35 @@ pub struct ServeArgs {
     /// Largest HTTP request body, in bytes (larger ones get 413).
     #[arg(long, env = "CLIPSERVE_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
+
+    /// Time a client has to send a request's headers on the HTTP listener, from their first byte (from the opening
+    /// of the connection for its first request); the connection is closed past it. On the gRPC listener, the time
+    /// a new connection has to send its first bytes.
+    #[arg(long, env = "CLIPSERVE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Time a client has to send a whole request body to /score or /invocations (408 past it).
+    #[arg(long, env = "CLIPSERVE_HTTP_BODY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+
+    /// An HTTP connection with no request in flight and no traffic for this long is closed (keep-alive between
+    /// requests; HTTP/2 connections with no open stream).
+    #[arg(long, env = "CLIPSERVE_HTTP_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// How long an HTTP request body waits for room in the memory budget before it is refused with 429
+    /// (MEMORY_BUDGET_EXHAUSTED).
+    #[arg(long, env = "CLIPSERVE_HTTP_BUDGET_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub http_budget_wait: Duration,
+
+    /// Most connections open at once on the HTTP listener; past it new connections get 429 and are closed. Both
+    /// caps are lowered at start if together they do not fit under the open-file limit.
+    #[arg(long, env = "CLIPSERVE_MAX_HTTP_CONNECTIONS", default_value_t = 4096)]
+    pub max_http_connections: usize,
+
+    /// Most connections open at once on the gRPC listener; past it new connections are closed at once.
+    #[arg(long, env = "CLIPSERVE_MAX_GRPC_CONNECTIONS", default_value_t = 4096)]
+    pub max_grpc_connections: usize,
 
     /// Require this API key: `Authorization: Bearer KEY` on /score and /invocations, `authorization: Bearer KEY`
     /// metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.

@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 use crate::batching::{Batcher, BatcherConfig};
 use crate::config::ServeArgs;
@@ -126,6 +125,13 @@ async fn serve(
     for modality in ["image", "text"] {
         metrics::gauge!(crate::metrics::QUEUE_DEPTH, "modality" => modality).set(0.0);
     }
+    let (max_http, max_grpc) =
+        crate::http::listener::fit_file_limit(args.max_http_connections, args.max_grpc_connections);
+    let connection_limits = |max_connections| crate::http::listener::ConnectionLimits {
+        max_connections,
+        header_timeout: args.http_header_timeout,
+        idle_timeout: args.http_idle_timeout,
+    };
     let listener = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let http_listener =
@@ -161,7 +167,7 @@ async fn serve(
             .add_service(reflection)
             .add_service(embedder)
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                crate::http::listener::grpc_incoming(listener, connection_limits(max_grpc)),
                 stopped(stop_rx.clone()),
             ),
     );
@@ -170,10 +176,17 @@ async fn serve(
         metrics,
         max_request_bytes: args.max_request_bytes,
         api_key,
+        max_text_chars: args.max_text_chars,
+        body_timeout: args.http_body_timeout,
+        budget_wait: args.http_budget_wait,
     })
     .layer(RequestMetricsLayer::http());
-    let mut http_server =
-        tokio::spawn(async move { axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
+    let mut http_server = tokio::spawn(crate::http::listener::serve_http(
+        http_listener,
+        app,
+        connection_limits(max_http),
+        stopped(stop_rx),
+    ));
     // The one line scripts and tests look for.
     eprintln!("listening grpc={grpc_addr} http={http_addr}");
     tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), "serving; loading the model");

@@ -2,16 +2,19 @@
 //! liveness, readiness and Prometheus metrics.
 
 pub mod azure;
+pub mod listener;
+mod panic;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::body::HttpBody;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::batching::BudgetPermit;
@@ -27,16 +30,20 @@ pub struct HttpState {
     pub max_request_bytes: usize,
     /// Checked on the scoring routes.
     pub api_key: crate::error::ApiKey,
+    /// Longest text cell, in characters (413 past it, found while the body is parsed).
+    pub max_text_chars: usize,
+    /// Time allowed to receive a whole request body (408 past it).
+    pub body_timeout: Duration,
+    /// How long a body waits for room in the memory budget before it is refused (429).
+    pub budget_wait: Duration,
 }
 
-/// The routes of the HTTP listener.
+/// The routes of the HTTP listener. A panic in a handler answers that call with 500 INTERNAL_PANIC.
 pub fn router(state: HttpState) -> Router {
-    let limit = state.max_request_bytes;
     let scoring = Router::new()
         .route("/score", post(score))
         .route("/invocations", post(invocations))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(DefaultBodyLimit::max(limit));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/", get(live))
         .route("/health", get(live))
@@ -44,6 +51,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .merge(scoring)
         .with_state(state)
+        .layer(tower::layer::layer_fn(panic::CatchPanic))
 }
 
 /// Rejects scoring requests without the API key (when one is configured) before their body is read.
@@ -59,7 +67,7 @@ async fn authorize(
     }
 }
 
-/// An error as the gateway renders it: the status of API.md's table and `{"error": "..."}`.
+/// An error as the gateway renders it: the status of API.md's table and `{"error": "...", "reason": "..."}`.
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -67,48 +75,137 @@ impl IntoResponse for Error {
     }
 }
 
-async fn score(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
-    embed_frame(&state, body, &["input_data", "dataframe_split"]).await
+const SCORE_KEYS: &[&str] = &["input_data", "dataframe_split"];
+const INVOCATIONS_KEYS: &[&str] = &["dataframe_split", "input_data"];
+
+async fn score(State(state): State<HttpState>, request: Request) -> Response {
+    embed_frame(&state, request, SCORE_KEYS).await
 }
 
-async fn invocations(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
-    embed_frame(&state, body, &["dataframe_split", "input_data"]).await
+async fn invocations(State(state): State<HttpState>, request: Request) -> Response {
+    embed_frame(&state, request, INVOCATIONS_KEYS).await
 }
 
-async fn embed_frame(state: &HttpState, body: Result<Bytes, BytesRejection>, frame_keys: &[&str]) -> Response {
+async fn embed_frame(state: &HttpState, request: Request, frame_keys: &'static [&'static str]) -> Response {
     // Counted (clipserve_requests_total) by the request metrics layer around the router.
-    match run_frame(state, body, frame_keys).await {
+    match run_frame(state, request, frame_keys).await {
         Ok(rows) => Json(rows).into_response(),
-        Err(e) => e.into_response(),
+        Err(response) => response,
     }
 }
 
 async fn run_frame(
     state: &HttpState,
-    body: Result<Bytes, BytesRejection>,
-    frame_keys: &[&str],
-) -> Result<Vec<azure::ScoreRow>, Error> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Error::new(
-                Reason::RequestTooLarge,
-                format!("request body exceeds the limit of {} bytes", state.max_request_bytes),
-            )
-        } else {
-            Error::new(Reason::MalformedRequest, format!("cannot read the request body: {rejection}"))
-        }
-    })?;
-    let request = azure::parse(&body, frame_keys)?;
+    request: Request,
+    frame_keys: &'static [&'static str],
+) -> Result<Vec<azure::ScoreRow>, Response> {
+    let (body, budget) = read_body(state, request).await?;
+    let limits = azure::ParseLimits {
+        max_items: state.engine.limits().max_items_per_request,
+        max_text_chars: state.max_text_chars,
+    };
+    let request = parse_body(body, frame_keys, limits).await.map_err(IntoResponse::into_response)?;
     let options = EmbedOptions {
         normalize: request.normalize,
         deadline: None,
         admission: Admission::Reject,
         fail_fast: true,
-        budget: BudgetPermit::none(),
+        budget,
         item_label: |row, _| format!("row {row}"),
     };
-    let results = state.engine.embed(request.items, options).await?;
-    results.into_iter().map(|r| r.map(azure::ScoreRow::from)).collect()
+    let results = state.engine.embed(request.items, options).await.map_err(IntoResponse::into_response)?;
+    results
+        .into_iter()
+        .map(|r| r.map(azure::ScoreRow::from))
+        .collect::<Result<_, _>>()
+        .map_err(IntoResponse::into_response)
+}
+
+/// The smallest step by which a body of unknown length is charged to the memory budget.
+const BUDGET_STEP: usize = 64 << 10;
+
+/// Reads a request body within its limits: 413 at once when its declared length is over `max_request_bytes`, or
+/// as soon as the bytes received pass it; 408 when it takes longer than `body_timeout`. Its bytes are held against
+/// the memory budget before they are read (429 if there is no room within `budget_wait`); the permit is returned
+/// with the body, to be held until the request's inputs are prepared.
+async fn read_body(state: &HttpState, request: Request) -> Result<(Vec<u8>, BudgetPermit), Response> {
+    let max = state.max_request_bytes;
+    let deadline = Instant::now() + state.body_timeout;
+    let too_large =
+        || refuse(Error::new(Reason::RequestTooLarge, format!("request body exceeds the limit of {max} bytes")));
+    let body = request.into_body();
+    let declared = body.size_hint().exact().and_then(|n| usize::try_from(n).ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let budget = state.engine.budget();
+    let charge = |bytes: usize| {
+        let wait = (Instant::now() + state.budget_wait).min(deadline);
+        async move { budget.acquire(bytes, Admission::Wait, Some(wait)).await.map_err(refuse) }
+    };
+    let mut held = declared.unwrap_or(0);
+    let mut permit = if held > 0 { charge(held).await? } else { BudgetPermit::none() };
+    let mut bytes = Vec::with_capacity(held);
+    let mut chunks = body.into_data_stream();
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline.into(), chunks.next()).await {
+            Err(_) => return Err(timed_out(state.body_timeout)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(refuse(bad_body(e))),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        let len = bytes.len() + chunk.len();
+        if len > max {
+            return Err(too_large());
+        }
+        if len > held {
+            // A body of unknown length is charged in doubling steps, before the bytes are kept.
+            let want = len.max(held * 2).max(BUDGET_STEP).min(max);
+            permit.merge(charge(want - held).await?);
+            bytes.reserve_exact(want - bytes.len());
+            held = want;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((bytes, permit))
+}
+
+fn bad_body(e: axum::Error) -> Error {
+    Error::new(Reason::MalformedRequest, format!("cannot read the request body: {e}"))
+}
+
+/// An error answered before the body was read to its end: the connection is closed after it.
+fn refuse(e: Error) -> Response {
+    let mut response = e.into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// 408 for a body that did not arrive in time.
+fn timed_out(limit: Duration) -> Response {
+    let e = Error::new(Reason::MalformedRequest, format!("the request body did not arrive within {limit:?}"));
+    let mut response = refuse(e);
+    *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+    response
+}
+
+/// Bodies up to this size are parsed on the runtime; larger ones on a blocking thread.
+const PARSE_INLINE_BYTES: usize = 256 << 10;
+
+/// Parses a body (a panic in the parser answers INTERNAL_PANIC). The body is freed once parsed.
+async fn parse_body(
+    body: Vec<u8>,
+    frame_keys: &'static [&'static str],
+    limits: azure::ParseLimits,
+) -> Result<azure::ScoreRequest, Error> {
+    let inline = body.len() <= PARSE_INLINE_BYTES;
+    let parse = move || crate::prepare::guard("http", "a request body", || azure::parse(&body, frame_keys, limits));
+    if inline {
+        return parse();
+    }
+    tokio::task::spawn_blocking(parse)
+        .await
+        .unwrap_or_else(|_| Err(Error::new(Reason::ShuttingDown, "server is shutting down")))
 }
 
 /// Liveness: 200 while the process serves.
