@@ -155,11 +155,13 @@ pub struct EmbedArgs {
     pub partition_size: u64,
 
     /// Items per stream message.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
 
-    /// Messages in flight per stream (one stream per server address).
-    #[arg(long, default_value_t = 4)]
+    /// Messages in flight per stream (one stream per server address). The server works on up to its
+    /// --stream-window (16) messages of a stream at once; --batch x --window items in flight per server keep
+    /// its batches full.
+    #[arg(long, default_value_t = 16)]
     pub window: usize,
 
     /// Largest stream message sent, in bytes (keep it within the server's --max-message-bytes); messages are
@@ -168,7 +170,7 @@ pub struct EmbedArgs {
     pub max_message_bytes: usize,
 
     /// Bytes of read inputs waiting to be sent, at most (besides what is in flight); the reader waits past it.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, default_value_t = 16 << 20)]
     pub read_ahead_bytes: usize,
 
     /// Unit-length embeddings (what clip-retrieval's own inference writes).
