@@ -20,7 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC service and the HTTP listener on one model.
     Serve(ServeArgs),
-    /// Embed a folder, file list or JSONL of images and texts through EmbedStream on one or more servers.
+    /// Embed a folder, file list, JSONL, webdataset tar shards or Parquet files of images and texts through
+    /// EmbedStream on one or more servers (clip-retrieval, Parquet, npy or JSONL output; resumable; --shard I/N).
     Embed(crate::client::embed::EmbedArgs),
     /// Load a server (or time the raw model) and print throughput and latency.
     Bench(crate::client::bench::BenchArgs),

@@ -1,5 +1,6 @@
 //! The deployment assets: the Kubernetes manifests pass the offline schema validator (and the validator does
-//! fail on a broken manifest), and the Python client example embeds a folder and texts exactly as the server does.
+//! fail on a broken manifest, and on a bulk-embedding Job that would not split its input or would be taken for a
+//! server), and the Python client example embeds a folder and texts exactly as the server does.
 
 mod common;
 
@@ -71,7 +72,14 @@ async fn the_kubernetes_manifests_pass_the_offline_schema_validation() {
     let out = run_python(vec![validator()]).await;
     assert!(out.status.success(), "deploy/kubernetes/validate.py failed:\n{}", report(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for file in ["deployment.yaml", "service-grpc-headless.yaml", "service-http.yaml", "hpa.yaml", "pdb.yaml"] {
+    for file in [
+        "deployment.yaml",
+        "service-grpc-headless.yaml",
+        "service-http.yaml",
+        "hpa.yaml",
+        "pdb.yaml",
+        "bulk/embed-job.yaml",
+    ] {
         assert!(stdout.lines().any(|l| l.starts_with("ok") && l.contains(file)), "{file} was not validated:\n{stdout}");
     }
     assert!(stdout.contains("valid for Kubernetes 1.30"), "{stdout}");
@@ -105,6 +113,53 @@ async fn the_validator_fails_on_a_broken_manifest() {
     let intact_file = dir.path().join("intact.yaml");
     std::fs::write(&intact_file, &original).unwrap();
     let out = run_python(vec![validator(), intact_file.display().to_string()]).await;
+    assert!(out.status.success(), "{}", report(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_validator_fails_on_a_bulk_job_that_would_not_split_its_input_or_would_be_taken_for_a_server() {
+    let original = std::fs::read_to_string(root().join("deploy/kubernetes/bulk/embed-job.yaml")).unwrap();
+    for needle in [
+        "completionMode: Indexed",
+        "completions: 8",
+        "--shard=$(JOB_COMPLETION_INDEX)/8",
+        "--server=http://clipserve-grpc:50051",
+        "app.kubernetes.io/name: clipserve-embed",
+    ] {
+        assert!(original.contains(needle), "embed-job.yaml has {needle}");
+    }
+    let dir = TempDir::new("broken-job");
+    // The Job is checked against the serving manifests it sends to.
+    let serving: Vec<String> = ["deployment.yaml", "service-grpc-headless.yaml", "service-http.yaml", "pdb.yaml"]
+        .iter()
+        .map(|f| root().join("deploy/kubernetes").join(f).display().to_string())
+        .collect();
+    let validate = |name: &str, text: String| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let mut args = vec![validator()];
+        args.extend(serving.iter().cloned());
+        args.push(file.display().to_string());
+        run_python(args)
+    };
+    let cases = [
+        // Four parts for eight pods: pods 4 to 7 get no part (--shard 4/4 is refused); with /16, half the input none.
+        (
+            "shards.yaml",
+            original.replace("JOB_COMPLETION_INDEX)/8", "JOB_COMPLETION_INDEX)/4"),
+            "splits the input in 4 parts",
+        ),
+        // Client pods labelled like server pods would become endpoints of the gRPC Service.
+        ("labels.yaml", original.replace("name: clipserve-embed", "name: clipserve"), "selected by"),
+        // A ClusterIP Service pins a connection, and every stream on it, to one pod.
+        ("server.yaml", original.replace("clipserve-grpc:50051", "clipserve-http:8080"), "not headless"),
+    ];
+    for (name, text, why) in cases {
+        let out = validate(name, text).await;
+        assert!(!out.status.success(), "{name} passed:\n{}", report(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{name}: {}", report(&out));
+    }
+    let out = validate("intact.yaml", original).await;
     assert!(out.status.success(), "{}", report(&out));
 }
 

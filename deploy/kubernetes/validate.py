@@ -8,9 +8,13 @@ ship inside the kubernetes-validate package (pinned in deploy/requirements.txt);
 On top of the schemas, the manifests are checked against each other: every object carries the label
 app.kubernetes.io/name=clipserve, the Services and the PodDisruptionBudget select the Deployment's pods, the
 HorizontalPodAutoscaler targets that Deployment, probes and Service target ports name ports the container
-declares, and a directory's kustomization.yaml lists exactly the manifests beside it.
+declares, and a directory's kustomization.yaml lists exactly the manifests beside it. The bulk-embedding Job
+(bulk/embed-job.yaml) is checked against the serving manifests: it is Indexed and `--shard $(JOB_COMPLETION_INDEX)/N`
+splits the input in exactly `completions` parts, its `--server` names the headless gRPC Service and one of its
+ports, no Service or PodDisruptionBudget selects its pods, and every $(VAR) in its arguments is declared.
 
-    .venv/bin/python deploy/kubernetes/validate.py                 # the manifests beside this script
+    .venv/bin/python deploy/kubernetes/validate.py                 # the manifests beside this script and
+                                                                   # in its subfolders (bulk/)
     .venv/bin/python deploy/kubernetes/validate.py FILE_OR_DIR...  # others (a directory: its *.yaml, *.yml)
 
 Exit status 0 when everything passes, 1 when anything fails (each problem is printed), 2 on a usage error.
@@ -199,6 +203,73 @@ def cross_check(objects: list[tuple[Path, dict[str, Any]]], problems: Problems) 
                 problems.add(describe(path, doc), f"scaleTargetRef {ref} names no Deployment here")
 
 
+def shard_count(arg: str) -> str | None:
+    """The N of a `--shard I/N` argument (None when the argument is not --shard)."""
+    if arg.startswith("--shard="):
+        return arg.split("=", 1)[1]
+    return None
+
+
+def check_jobs(objects: list[tuple[Path, dict[str, Any]]], problems: Problems) -> None:
+    """Jobs that run `clipserve embed`: their split of the input and the servers they send to."""
+    services = {d["metadata"]["name"]: d for _, d in objects if d["kind"] == "Service"}
+    selectors = [
+        (describe(p, d), d["spec"].get("selector"))
+        for p, d in objects
+        if d["kind"] == "Service"
+    ] + [
+        (describe(p, d), (d["spec"].get("selector") or {}).get("matchLabels"))
+        for p, d in objects
+        if d["kind"] in ("PodDisruptionBudget", "Deployment")
+    ]
+    for path, job in ((p, d) for p, d in objects if d["kind"] == "Job"):
+        spec = job["spec"]
+        pod = spec["template"]
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        for who, selector in selectors:
+            if labels_match(selector, labels):
+                problems.add(describe(path, job), f"its pods are selected by {who} (they would be taken for servers)")
+        if spec.get("backoffLimitPerIndex") is not None and pod["spec"].get("restartPolicy") != "Never":
+            problems.add(describe(path, job), "backoffLimitPerIndex needs restartPolicy: Never")
+        for c in pod["spec"]["containers"]:
+            where = f"{describe(path, job)} container {c['name']}"
+            declared = {e["name"] for e in c.get("env") or []}
+            args = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+            for a in args:
+                for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", a):
+                    if var not in declared:
+                        problems.add(where, f"{a!r} uses $({var}), which the container does not declare in env")
+            shard = next((shard_count(a) for a in args if shard_count(a) is not None), None)
+            if shard is not None:
+                m = re.fullmatch(r"\$\(JOB_COMPLETION_INDEX\)/(\d+)", shard)
+                if spec.get("completionMode") != "Indexed":
+                    problems.add(where, "--shard needs completionMode: Indexed (an index per pod)")
+                if not m:
+                    problems.add(where, f"--shard={shard}: expected $(JOB_COMPLETION_INDEX)/N")
+                elif int(m.group(1)) != spec.get("completions"):
+                    problems.add(
+                        where,
+                        f"--shard={shard} splits the input in {m.group(1)} parts but the Job has "
+                        f"completions: {spec.get('completions')} (parts would be skipped or run twice)",
+                    )
+            for a in args:
+                if not a.startswith("--server="):
+                    continue
+                for server in a.split("=", 1)[1].split(","):
+                    m = re.fullmatch(r"https?://([^/:]+):(\d+)/?", server)
+                    if not m:
+                        problems.add(where, f"--server {server!r}: expected http://SERVICE:PORT")
+                        continue
+                    name, port = m.group(1).split(".")[0], int(m.group(2))
+                    service = services.get(name)
+                    if service is None:
+                        problems.add(where, f"--server {server!r} names no Service here")
+                    elif service["spec"].get("clusterIP") != "None":
+                        problems.add(where, f"--server {server!r}: Service/{name} is not headless (one pod per connection)")
+                    elif port not in [p.get("port") for p in service["spec"].get("ports", [])]:
+                        problems.add(where, f"--server {server!r}: Service/{name} has no port {port}")
+
+
 def check_kustomization(path: Path, problems: Problems) -> None:
     try:
         k = yaml.safe_load(path.read_text()) or {}
@@ -216,13 +287,16 @@ def check_kustomization(path: Path, problems: Problems) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="*", type=Path, help=f"manifest files or directories (default: {HERE})")
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help=f"manifest files or directories (default: {HERE} and its subfolders)"
+    )
     parser.add_argument("--kubernetes-version", default=KUBERNETES_VERSION, help="default: %(default)s")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only problems and the summary")
     args = parser.parse_args()
 
     problems = Problems()
-    manifests, kustomizations = manifest_files(args.paths or [HERE], problems)
+    default = [HERE] + sorted(d for d in HERE.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+    manifests, kustomizations = manifest_files(args.paths or default, problems)
     objects: list[tuple[Path, dict[str, Any]]] = []
     for path in manifests:
         for doc in load_documents(path, problems):
@@ -232,6 +306,7 @@ def main() -> int:
                 if not args.quiet:
                     print(f"ok   {describe(path, doc)} (Kubernetes {args.kubernetes_version} schema, strict)")
     cross_check(objects, problems)
+    check_jobs(objects, problems)
     for k in kustomizations:
         check_kustomization(k, problems)
         if not args.quiet:
