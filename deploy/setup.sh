@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets clipserve up on a fresh machine: the Python virtualenv (.venv: torch 2.11.0, whose libtorch the server
-# links, transformers, pillow, numpy, grpcio, and open_clip_torch for CLIP's BPE vocabulary), the release
+# links, transformers, pillow, numpy, pyarrow, grpcio, and open_clip_torch for CLIP's BPE vocabulary), the release
 # binary, and the default model in models/clip-vit-base-patch32. Idempotent: a second run reuses what exists.
 #
 #   deploy/setup.sh                   everything
