@@ -488,8 +488,10 @@ async fn two_shard_processes_over_two_servers_split_the_work() {
     let servers = format!("http://localhost:{},http://localhost:{}", port(&a), port(&b));
     let input = format!("{}/{{00000..00005}}.tar", dir.display());
     let args = |shard: &str| -> Vec<String> {
-        ["--format", "clip-retrieval", "--batch", "4", "--shard", shard, "--server", &servers, "--input", &input]
-            .iter()
+        // One message in flight per server, so that neither server can take a whole process's share at once.
+        let base = ["--format", "clip-retrieval", "--batch", "4", "--window", "1", "--shard", shard];
+        base.into_iter()
+            .chain(["--server", &servers, "--input", &input])
             .map(|s| s.to_string())
             .chain(["--output".to_string(), out.display().to_string()])
             .collect()
