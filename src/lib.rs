@@ -5,6 +5,7 @@
 //! [`model`] form batches whenever they are free.
 
 pub mod batching;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod prepare;
 pub mod server;
+pub mod timing;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.
 pub mod pb {

@@ -101,7 +101,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         info,
         workers: workers.clone(),
         inject_panic_on_text: args.inject_preprocess_panic.clone(),
+        cache_bytes: crate::cache::mib(args.cache_mb),
     })?);
+    match engine.cache_capacity() {
+        0 => tracing::info!("content cache disabled"),
+        entries => tracing::info!(mib = args.cache_mb, entries, "content cache"),
+    }
     if args.inject_preprocess_panic.is_some() {
         tracing::warn!("--inject-preprocess-panic is set: a text will panic on purpose (testing only)");
     }

@@ -18,8 +18,10 @@ use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::batching::BudgetPermit;
-use crate::engine::{Admission, EmbedOptions, Engine};
+use crate::engine::{Admission, EmbedOptions, Engine, ItemOutput};
 use crate::error::{Error, Reason};
+use crate::metrics::layer::CallStart;
+use crate::timing::Summary;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -71,8 +73,24 @@ async fn authorize(
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(serde_json::json!({ "error": self.message(), "reason": self.reason().as_str() }))).into_response()
+        let body = Json(serde_json::json!({ "error": self.message(), "reason": self.reason().as_str() }));
+        (status, body).into_response()
     }
+}
+
+/// `response` with the call's timings in its headers (see [`crate::timing`]).
+fn with_timing(mut response: Response, summary: &Summary) -> Response {
+    for (name, value) in summary.headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+/// When the metrics layer saw the call arrive (now, without it).
+fn arrival(request: &Request) -> Instant {
+    request.extensions().get::<CallStart>().map_or_else(Instant::now, |s| s.0)
 }
 
 const SCORE_KEYS: &[&str] = &["input_data", "dataframe_split"];
@@ -88,8 +106,13 @@ async fn invocations(State(state): State<HttpState>, request: Request) -> Respon
 
 async fn embed_frame(state: &HttpState, request: Request, frame_keys: &'static [&'static str]) -> Response {
     // Counted (clipserve_requests_total) by the request metrics layer around the router.
+    let arrival = arrival(&request);
     match run_frame(state, request, frame_keys).await {
-        Ok(rows) => Json(rows).into_response(),
+        Ok(outputs) => {
+            let summary = Summary::of(&outputs, arrival);
+            let rows: Vec<azure::ScoreRow> = outputs.into_iter().map(azure::ScoreRow::from).collect();
+            with_timing(Json(rows).into_response(), &summary)
+        }
         Err(response) => response,
     }
 }
@@ -98,7 +121,7 @@ async fn run_frame(
     state: &HttpState,
     request: Request,
     frame_keys: &'static [&'static str],
-) -> Result<Vec<azure::ScoreRow>, Response> {
+) -> Result<Vec<ItemOutput>, Response> {
     let (body, budget) = read_body(state, request).await?;
     let limits = azure::ParseLimits {
         max_items: state.engine.limits().max_items_per_request,
@@ -114,11 +137,7 @@ async fn run_frame(
         item_label: |row, _| format!("row {row}"),
     };
     let results = state.engine.embed(request.items, options).await.map_err(IntoResponse::into_response)?;
-    results
-        .into_iter()
-        .map(|r| r.map(azure::ScoreRow::from))
-        .collect::<Result<_, _>>()
-        .map_err(IntoResponse::into_response)
+    results.into_iter().collect::<Result<_, _>>().map_err(IntoResponse::into_response)
 }
 
 /// The smallest step by which a body of unknown length is charged to the memory budget.
