@@ -168,8 +168,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_MAX_GRPC_CONNECTIONS", default_value_t = 4096)]
     pub max_grpc_connections: usize,
 
-    /// Require this API key: `Authorization: Bearer KEY` on /score and /invocations, `authorization: Bearer KEY`
-    /// metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
+    /// Require this API key: `Authorization: Bearer KEY` on /score, /invocations and /v1/*, `authorization: Bearer
+    /// KEY` metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
     #[arg(long, env = "CLIPSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 

@@ -21,6 +21,8 @@ pub enum Kind {
     Internal,
     /// Missing or wrong API key.
     Unauthenticated,
+    /// The request names something the server does not have (a model).
+    NotFound,
 }
 
 macro_rules! reasons {
@@ -108,6 +110,8 @@ reasons! {
     InternalPanic = "INTERNAL_PANIC", Internal, false;
     /// Missing or wrong API key.
     Unauthenticated = "UNAUTHENTICATED", Unauthenticated, false;
+    /// The request names a model the server does not serve (OpenAI API).
+    ModelNotFound = "MODEL_NOT_FOUND", NotFound, false;
 }
 
 /// What went wrong with a request or an item: a reason (which fixes the kind) and a human-readable message.
@@ -158,6 +162,7 @@ impl Error {
             Kind::DeadlineExceeded => Code::DeadlineExceeded,
             Kind::Internal => Code::Internal,
             Kind::Unauthenticated => Code::Unauthenticated,
+            Kind::NotFound => Code::NotFound,
         }
     }
 
@@ -171,6 +176,7 @@ impl Error {
             Kind::DeadlineExceeded => 504,
             Kind::Internal => 500,
             Kind::Unauthenticated => 401,
+            Kind::NotFound => 404,
         }
     }
 
@@ -263,6 +269,7 @@ mod tests {
             (Reason::DeadlineExceeded, Code::DeadlineExceeded, 504),
             (Reason::ModelFailure, Code::Internal, 500),
             (Reason::Unauthenticated, Code::Unauthenticated, 401),
+            (Reason::ModelNotFound, Code::NotFound, 404),
         ];
         for (reason, code, http) in cases {
             let e = Error::new(reason, "x");

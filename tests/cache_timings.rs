@@ -217,11 +217,12 @@ async fn timings_come_with_every_item_and_every_answer() {
     let message = stream.message().await.unwrap().unwrap();
     assert!(timing(&message.embeddings[0]).inference_us > 0);
 
-    // HTTP: /score and /invocations send the headers.
+    // HTTP: /score, /invocations and /v1/embeddings send the headers.
     let frame = json!({"columns": ["text"], "data": [["a"], ["b"]]});
     for (path, body) in [
         ("/score", json!({"input_data": frame})),
         ("/invocations", json!({"dataframe_split": frame})),
+        ("/v1/embeddings", json!({"input": ["a", "b"]})),
     ] {
         let started = Instant::now();
         let r = reqwest::Client::new().post(format!("{}{path}", server.http_url())).json(&body).send().await.unwrap();

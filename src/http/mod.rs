@@ -1,8 +1,9 @@
-//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests on the same batching path as gRPC,
-//! liveness, readiness and Prometheus metrics.
+//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests and the OpenAI embeddings API
+//! (`/v1/embeddings`, `/v1/models`) on the same batching path as gRPC, liveness, readiness and Prometheus metrics.
 
 pub mod azure;
 pub mod listener;
+pub mod openai;
 mod panic;
 
 use std::sync::Arc;
@@ -46,12 +47,22 @@ pub fn router(state: HttpState) -> Router {
         .route("/score", post(score))
         .route("/invocations", post(invocations))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+    // OpenAI's routes answer errors in OpenAI's shape, the API key's and a caught panic's included.
+    openai::created();
+    let openai = Router::new()
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*id}", get(openai::model))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(tower::layer::layer_fn(panic::CatchPanic))
+        .layer(axum::middleware::map_response(openai::error_shape));
     Router::new()
         .route("/", get(live))
         .route("/health", get(live))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(scoring)
+        .merge(openai)
         .with_state(state)
         .layer(tower::layer::layer_fn(panic::CatchPanic))
 }
@@ -69,12 +80,15 @@ async fn authorize(
     }
 }
 
-/// An error as the gateway renders it: the status of API.md's table and `{"error": "...", "reason": "..."}`.
+/// An error as the gateway renders it: the status of API.md's table and `{"error": "...", "reason": "..."}`. The
+/// error rides along in the response's extensions, for routes that render errors in another shape.
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = Json(serde_json::json!({ "error": self.message(), "reason": self.reason().as_str() }));
-        (status, body).into_response()
+        let mut response = (status, body).into_response();
+        response.extensions_mut().insert(self);
+        response
     }
 }
 
@@ -225,6 +239,19 @@ async fn parse_body(
     tokio::task::spawn_blocking(parse)
         .await
         .unwrap_or_else(|_| Err(Error::new(Reason::ShuttingDown, "server is shutting down")))
+}
+
+/// Runs `f` on a body: on the runtime when it is small, else on a blocking thread.
+async fn off_runtime<T: Send + 'static>(
+    body: Vec<u8>,
+    f: impl FnOnce(Vec<u8>) -> T + Send + 'static,
+) -> Result<T, Error> {
+    if body.len() <= PARSE_INLINE_BYTES {
+        return Ok(f(body));
+    }
+    tokio::task::spawn_blocking(move || f(body))
+        .await
+        .map_err(|_| Error::new(Reason::ShuttingDown, "server is shutting down"))
 }
 
 /// Liveness: 200 while the process serves.
