@@ -544,7 +544,7 @@ def find_model(args, size: str, torch_env: dict, export_log: Path) -> Path:
         raise BenchmarkError(
             "exporting offline needs CLIP's BPE vocabulary from open_clip_torch: `pip install --no-deps "
             "open_clip_torch==3.3.0` (on a machine without network, carry its wheel), or pass --model DIR")
-    cmd = [sys.executable, str(ROOT / "deploy" / "export_model.py"), "--out", str(cached), "--force",
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "export_model.py"), "--out", str(cached), "--force",
            "--tiny" if size == "tiny" else "--random-init"]
     log(f"exporting the {size} model to {cached}: {shlex.join(cmd)} (log: {export_log})")
     t0 = time.perf_counter()
