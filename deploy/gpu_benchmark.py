@@ -688,6 +688,13 @@ def main() -> int:
                "environment": environment(args.device, args.binary), "rows": rows}
     log(f"output folder: {out}")
     try:
+        # Before anything long: a binary older than the --preprocess flag serves only the exact mode.
+        has_flag = supports_preprocess(args.binary, env)
+        if not has_flag:
+            if modes != ["exact"]:
+                raise BenchmarkError(f"{args.binary} has no --preprocess flag, so it cannot serve {modes}; "
+                                     "rebuild it, or pass --modes exact")
+            log(f"{args.binary} has no --preprocess flag: serving its only preprocessing, exact")
         model = find_model(args, size, env, out / "export.log")
         manifest = json.loads((model / "manifest.json").read_text())
         dim = int(manifest["embedding_dim"])
@@ -704,12 +711,6 @@ def main() -> int:
                     rows.append(raw_forward(args.binary, model, args.device, kind, batch, tokens, quick,
                                             args.raw_seconds, env, run_log))
 
-        has_flag = supports_preprocess(args.binary, env)
-        if not has_flag:
-            if modes != ["exact"]:
-                raise BenchmarkError(f"{args.binary} has no --preprocess flag, so it cannot serve {modes}; "
-                                     "rebuild it, or pass --modes exact")
-            log(f"{args.binary} has no --preprocess flag: serving its only preprocessing, exact")
         def load(name, kind, items, concurrency, seconds, mode=None):
             if quick:  # a handful of calls, no warm-up
                 items, concurrency = min(items, 8 if kind == "image" else 16), min(concurrency, 2)
