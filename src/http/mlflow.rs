@@ -31,8 +31,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Serialize;
 
 use super::azure::{
-    bad, finish_frame, normalize_of, others, row_item, too_many_items, Cell, CellSeed, ColumnProblem, Ctx, FrameSeed,
-    FrameValue, Params, ParamsSeed, ParseLimits, ScoreRequest,
+    bad, finish_frame, normalize_of, others, row_item, text_too_long, too_many_items, Cell, CellSeed, ColumnProblem,
+    Ctx, FrameSeed, FrameValue, Params, ParamsSeed, ParseLimits, ScoreRequest,
 };
 use crate::engine::ItemInput;
 use crate::error::{truncate, Error, Kind, Reason};
@@ -139,14 +139,49 @@ const FORMS: &[&str] = &["dataframe_split", "dataframe_records", "instances", "i
 const FORMS_TEXT: &str = r#""dataframe_split", "dataframe_records", "instances" or "inputs""#;
 const COLUMNS_TEXT: &str = r#""image" and/or "text""#;
 
-/// Parses a JSON `/invocations` body.
-pub fn parse_json(body: &[u8], limits: ParseLimits) -> Result<ScoreRequest, Error> {
+/// Parses a JSON `/invocations` body (its `NaN` tokens are rewritten first, see [`blank_nans`]).
+pub fn parse_json(body: &mut [u8], limits: ParseLimits) -> Result<ScoreRequest, Error> {
+    blank_nans(body);
     let ctx = Ctx::new(&[], limits);
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = BodySeed(&ctx).deserialize(&mut de).and_then(|top| de.end().map(|()| top));
     match parsed {
         Ok(top) => finish(top, limits),
         Err(e) => Err(ctx.failed(e)),
+    }
+}
+
+/// pandas' missing value is `NaN`, which Python's `json` writes and reads but JSON has not: MLflow's client sends
+/// it for every missing value of a frame (every `None` of a string column, since pandas 3). Each bare `NaN` outside
+/// strings is rewritten in place as `"" ` (an empty string and a space: the same length, and "no input" as null
+/// is), in one pass over the body. A body that is not JSON around it stays so, for the parser to refuse.
+fn blank_nans(body: &mut [u8]) {
+    let mut i = 0;
+    loop {
+        // Outside strings: the next string or N.
+        let Some(at) = memchr::memchr2(b'"', b'N', &body[i..]) else { return };
+        i += at;
+        if body[i] == b'N' {
+            if body[i..].starts_with(b"NaN") {
+                body[i..i + 3].copy_from_slice(b"\"\" ");
+                i += 3;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        // Inside a string: to its closing quote, escaped characters skipped.
+        i += 1;
+        loop {
+            let Some(at) = memchr::memchr2(b'"', b'\\', &body[i..]) else { return };
+            i += at;
+            if body[i] == b'\\' {
+                i = (i + 2).min(body.len());
+                continue;
+            }
+            i += 1;
+            break;
+        }
     }
 }
 
@@ -568,7 +603,15 @@ pub fn parse_csv(body: &[u8], limits: ParseLimits) -> Result<ScoreRequest, Error
         };
         let cell = |value: Option<&str>| value.map_or(Cell::Absent, |s| Cell::Str(s.to_owned()));
         let id = field(index, "index")?.filter(|s| !s.is_empty()).map_or_else(|| r.to_string(), str::to_owned);
-        let (image, text) = (cell(field(image, "image")?), cell(field(text, "text")?));
+        let text = field(text, "text")?;
+        // Checked before the text is copied (and again in `row_item`, for every form).
+        if let Some(t) = text.filter(|t| t.len() > limits.max_text_chars) {
+            let chars = t.chars().count();
+            if chars > limits.max_text_chars {
+                return Err(text_too_long(r, chars, limits.max_text_chars));
+            }
+        }
+        let (image, text) = (cell(field(image, "image")?), cell(text));
         items.push(row_item(r, id, image, text, limits)?);
     }
     Ok(ScoreRequest { items, normalize: false })
@@ -580,7 +623,7 @@ mod tests {
     use crate::engine::ImageSource;
 
     fn json(body: &str) -> Result<ScoreRequest, Error> {
-        parse_json(body.as_bytes(), ParseLimits::NONE)
+        parse_json(&mut body.as_bytes().to_vec(), ParseLimits::NONE)
     }
 
     fn texts(r: &ScoreRequest) -> Vec<Option<&str>> {
@@ -693,7 +736,8 @@ mod tests {
     #[test]
     fn limits_stop_every_form_where_they_are_passed() {
         let limits = ParseLimits { max_items: 3, max_text_chars: 4 };
-        let over = |body: &str| parse_json(body.as_bytes(), limits).unwrap_err();
+        let parse = |body: &str| parse_json(&mut body.as_bytes().to_vec(), limits);
+        let over = |body: &str| parse(body).unwrap_err();
         // Row four breaks off into garbage: the limit is found first.
         for body in [
             r#"{"dataframe_records":[{"text":"a"},{"text":"a"},{"text":"a"},{"text":"a"} garbage"#,
@@ -704,7 +748,7 @@ mod tests {
             assert_eq!(e.reason(), Reason::TooManyItems, "{body}: {e}");
             assert!(e.message().contains("limit of 3 items"), "{e}");
         }
-        assert_eq!(parse_json(br#"{"inputs":{"text":["a","b","c"]}}"#, limits).unwrap().items.len(), 3);
+        assert_eq!(parse(r#"{"inputs":{"text":["a","b","c"]}}"#).unwrap().items.len(), 3);
         for body in [
             r#"{"dataframe_records":[{"text":"ok"},{"image":"aGVsbG8gd29ybGQ=","text":"ééééé"}] garbage"#,
             r#"{"inputs":{"text":["ok","ééééé"] garbage"#,
@@ -714,7 +758,26 @@ mod tests {
             assert_eq!(e.reason(), Reason::TextTooLong, "{body}: {e}");
             assert!(e.message().contains("text of 5 characters exceeds the limit of 4"), "{e}");
         }
-        assert!(parse_json(r#"{"inputs":{"text":["éééé"],"image":["long image cell"]}}"#.as_bytes(), limits).is_ok());
+        assert!(parse(r#"{"inputs":{"text":["éééé"],"image":["long image cell"]}}"#).is_ok());
+    }
+
+    #[test]
+    fn nan_is_a_missing_value() {
+        // What MLflow's client sends for a frame with missing values (pandas' to_dict, then Python's json).
+        let body =
+            r#"{"dataframe_split":{"index":[0,1],"columns":["image","text"],"data":[[NaN,"NaN"],["aGk=",NaN]]}}"#;
+        let r = json(body).unwrap();
+        assert_eq!((texts(&r), images(&r)), (vec![Some("NaN"), None], vec![None, Some("aGk=")]));
+        let r =
+            json(r#"{"dataframe_records":[{"image":NaN,"text":"a \"NaN\" \\"},{"text":NaN,"image":"aGk="}]}"#).unwrap();
+        assert_eq!((texts(&r), images(&r)), (vec![Some(r#"a "NaN" \"#), None], vec![None, Some("aGk=")]));
+        let r = json(r#"{"inputs":{"text":["NaN",NaN],"image":[NaN,"aGk="]}}"#).unwrap();
+        assert_eq!((texts(&r), images(&r)), (vec![Some("NaN"), None], vec![None, Some("aGk=")]));
+        // Other tokens JSON has not stay malformed; a body cut inside a string or after a backslash is no trouble.
+        for body in [r#"{"inputs":{"text":[Infinity]}}"#, r#"{"inputs":{"text":[Nan]}}"#, r#"{"inputs":"\"#, "{\"", "N"]
+        {
+            assert!(msg(body).contains("malformed JSON"), "{body}");
+        }
     }
 
     fn csv(body: &str) -> Result<ScoreRequest, Error> {

@@ -261,9 +261,10 @@ const PARSE_INLINE_BYTES: usize = 256 << 10;
 async fn parse_body(body: Vec<u8>, kind: BodyKind, limits: azure::ParseLimits) -> Result<azure::ScoreRequest, Error> {
     let inline = body.len() <= PARSE_INLINE_BYTES;
     let parse = move || {
+        let mut body = body;
         crate::prepare::guard("http", "a request body", || match kind {
             BodyKind::Azure => azure::parse(&body, SCORE_KEYS, limits),
-            BodyKind::MlflowJson => mlflow::parse_json(&body, limits),
+            BodyKind::MlflowJson => mlflow::parse_json(&mut body, limits),
             BodyKind::MlflowCsv => mlflow::parse_csv(&body, limits),
         })
     };
