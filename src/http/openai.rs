@@ -28,19 +28,18 @@ use std::cell::RefCell;
 use std::fmt;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 
-use super::HttpState;
+use super::{Failure, HttpState};
 use crate::engine::{Admission, EmbedOptions, ImageSource, ItemInput, ItemOutput};
 use crate::error::{Error, Kind, Reason};
 use crate::inputs::fetch::is_http_url;
-use crate::metrics::layer::CallStart;
-use crate::timing::Summary;
+use crate::timing::Stages;
 
 /// What a request asks for.
 #[derive(Debug)]
@@ -474,35 +473,51 @@ fn error_type(e: &Error) -> &'static str {
     }
 }
 
-/// The request parameter an error response concerns (OpenAI's `param`), carried to [`error_shape`].
-#[derive(Debug, Clone, Copy)]
-struct ErrorParam(&'static str);
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        let mut response = self.error.into_response();
-        if let Some(param) = self.param {
-            response.extensions_mut().insert(ErrorParam(param));
-        }
-        response
-    }
-}
-
-/// Renders every error answered under `/v1` (by a handler, the API key check, the body reader or a caught panic)
-/// in OpenAI's shape, keeping its status and headers.
-pub async fn error_shape(response: Response) -> Response {
-    let Some(error) = response.extensions().get::<Error>().cloned() else { return response };
-    let param = response.extensions().get::<ErrorParam>().map(|p| p.0);
-    let (mut parts, _) = response.into_parts();
+/// An error in OpenAI's shape, with the status of the README's table: `{"error": {"message", "type", "param",
+/// "code"}}`, the code being the error's reason.
+fn render(error: &Error, param: Option<&'static str>) -> Response {
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = serde_json::json!({"error": {
         "message": error.message(),
-        "type": error_type(&error),
+        "type": error_type(error),
         "param": param,
         "code": error.reason().as_str(),
     }});
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+    (status, Json(body)).into_response()
+}
+
+/// An error in OpenAI's shape, concerning no particular parameter (the API key, a caught panic).
+pub fn error_response(error: Error) -> Response {
+    render(&error, None)
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        render(&self.error, self.param)
+    }
+}
+
+/// A failure of the body reader in OpenAI's shape, keeping its status (408) and closing the connection when the
+/// body was not read to its end.
+fn failed(failure: Failure) -> Response {
+    let mut response = error_response(failure.error);
+    if let Some(status) = failure.status {
+        *response.status_mut() = status;
+    }
+    if failure.close {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Rejects calls without the API key (when one is configured) before their body is read: OpenAI clients send
+/// `Authorization: Bearer KEY`.
+pub async fn authorize(State(state): State<HttpState>, request: Request, next: axum::middleware::Next) -> Response {
+    let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match state.api_key.check(header) {
+        Ok(()) => next.run(request).await,
+        Err(e) => error_response(e),
+    }
 }
 
 #[derive(Serialize)]
@@ -541,10 +556,10 @@ pub fn encode_base64(v: &[f32]) -> String {
 
 /// `POST /v1/embeddings`.
 pub async fn embeddings(State(state): State<HttpState>, request: Request) -> Response {
-    let arrival = request.extensions().get::<CallStart>().map_or_else(std::time::Instant::now, |s| s.0);
+    let arrival = super::arrival(&request);
     match run(&state, request).await {
         Ok((outputs, encoding)) => {
-            let summary = Summary::of(&outputs, arrival);
+            let stages = Stages::of(outputs.iter().map(|o| &o.timing));
             let prompt_tokens: u64 = outputs.iter().map(|o| o.text_tokens as u64).sum();
             let data = outputs
                 .into_iter()
@@ -564,14 +579,14 @@ pub async fn embeddings(State(state): State<HttpState>, request: Request) -> Res
                 model: &state.engine.info().model_id,
                 usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
             };
-            super::with_timing(Json(body).into_response(), &summary)
+            super::with_timing(Json(body).into_response(), arrival, Some(&stages))
         }
         Err(response) => response,
     }
 }
 
 async fn run(state: &HttpState, request: Request) -> Result<(Vec<ItemOutput>, Encoding), Response> {
-    let (body, budget) = super::read_body(state, request).await?;
+    let (body, budget) = super::read_body(state, request).await.map_err(failed)?;
     let info = state.engine.info();
     let cx = ParseContext {
         max_items: state.engine.limits().max_items_per_request,

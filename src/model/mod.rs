@@ -3,6 +3,7 @@
 pub mod device;
 pub mod faults;
 pub mod manifest;
+pub mod staging;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -30,9 +31,10 @@ pub trait Backend {
 /// `model.pt` loaded on one device.
 pub struct TorchBackend {
     module: CModule,
-    device: Device,
     image_size: i64,
     pad_token_id: i64,
+    /// The batch's host buffers (pinned on CUDA): each item is copied once, into its row.
+    stager: staging::Stager,
 }
 
 impl TorchBackend {
@@ -46,12 +48,19 @@ impl TorchBackend {
             // The export keeps no integer buffers in the module, so converting every tensor is safe.
             module.to(device, Kind::Half, false);
         }
-        Ok(TorchBackend { module, device, image_size: manifest.image_size as i64, pad_token_id: manifest.pad_token_id })
+        Ok(TorchBackend {
+            module,
+            image_size: manifest.image_size as i64,
+            pad_token_id: manifest.pad_token_id,
+            stager: staging::Stager::new(device),
+        })
     }
 
-    fn run(&self, method: &str, inputs: &[Tensor]) -> anyhow::Result<Vec<Vec<f32>>> {
+    fn run(&mut self, method: &str, inputs: &[Tensor]) -> anyhow::Result<Vec<Vec<f32>>> {
         let out = self.module.method_ts(method, inputs)?;
         let out = out.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+        // The blocking copy of the results follows the inputs' copy on the stream: the host buffers are free.
+        self.stager.results_received();
         let (n, dim) = out.size2()?;
         let flat = Vec::<f32>::try_from(out.view(-1))?;
         anyhow::ensure!(flat.len() == (n * dim) as usize, "model returned {} values for {n}x{dim}", flat.len());
@@ -61,33 +70,14 @@ impl TorchBackend {
 
 impl Backend for TorchBackend {
     fn encode_images(&mut self, images: &[&[f32]]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let s = self.image_size;
-        let per = (3 * s * s) as usize;
-        let mut flat = Vec::with_capacity(images.len() * per);
-        for img in images {
-            anyhow::ensure!(img.len() == per, "image tensor of {} values, expected {per}", img.len());
-            flat.extend_from_slice(img);
-        }
-        let pixels = Tensor::from_slice(&flat).view([images.len() as i64, 3, s, s]).to_device(self.device);
+        let pixels = self.stager.images(images, self.image_size)?;
         self.run("encode_image", &[pixels])
     }
 
     fn encode_texts(&mut self, texts: &[&[i64]]) -> anyhow::Result<Vec<Vec<f32>>> {
         // Pad only to the longest text of the batch: the text tower is causal and pools at the end token, so
         // the embeddings equal those of padding to the full context.
-        let len = texts.iter().map(|t| t.len()).max().unwrap_or(0);
-        anyhow::ensure!(len > 0, "empty token sequence");
-        let mut ids = Vec::with_capacity(texts.len() * len);
-        let mut mask = Vec::with_capacity(texts.len() * len);
-        for t in texts {
-            ids.extend_from_slice(t);
-            ids.extend(std::iter::repeat_n(self.pad_token_id, len - t.len()));
-            mask.extend(std::iter::repeat_n(1i64, t.len()));
-            mask.extend(std::iter::repeat_n(0i64, len - t.len()));
-        }
-        let shape = [texts.len() as i64, len as i64];
-        let ids = Tensor::from_slice(&ids).view(shape).to_device(self.device);
-        let mask = Tensor::from_slice(&mask).view(shape).to_device(self.device);
+        let (ids, mask) = self.stager.texts(texts, self.pad_token_id)?;
         self.run("encode_text", &[ids, mask])
     }
 }
