@@ -16,7 +16,8 @@
 //!   response body has been sent, so a long gRPC stream keeps its connection busy.
 //! - maximum age: after `max_age`, jittered by up to 10% either way per connection so that connections made
 //!   together do not all go at once, the connection is asked to go away (HTTP/2 GOAWAY, which lets the calls in
-//!   flight finish; HTTP/1.1: closed after the response in progress) and closed `age_grace` later whatever is left.
+//!   flight finish, sent at the first moment with no call in flight within a tenth of the age; HTTP/1.1:
+//!   `connection: close` on the next response) and closed `age_grace` later whatever is left.
 //! - HTTP/2 keepalive: a PING after `keepalive_interval` of quiet; a peer that does not answer within
 //!   `keepalive_timeout` is gone and its connection closed.
 //! - the body timeout is the HTTP handlers' (`HttpState::body_timeout`): they read the body themselves.
@@ -55,6 +56,9 @@ pub const ACCEPT_ERRORS: &str = "clipserve_accept_errors_total";
 
 /// How long an HTTP/2 connection closed by a timeout gets to say goodbye (GOAWAY) before it is dropped.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// Longest a connection past its age waits for a moment with no call in flight before it is asked to go away
+/// anyway (at most a tenth of the age).
+const MAX_GOAWAY_WAIT: Duration = Duration::from_secs(30);
 /// File descriptors left to everything but the listeners' connections (model files, image URL fetches, logs).
 const RESERVED_FDS: u64 = 256;
 
@@ -399,18 +403,29 @@ async fn serve_connection<IO>(
     let mut stopping = false;
     // When this connection is to be asked to go away, and when it is closed whatever is left.
     let mut goaway_at = limits.max_age.map(|age| Instant::now() + jittered(age));
+    // Once the age is reached: when the client is asked to go away at the latest, and when the connection is
+    // closed whatever is left.
+    let mut goaway_by: Option<Instant> = None;
     let mut close_at: Option<Instant> = None;
     let later = || Instant::now() + Duration::from_secs(3600);
     loop {
-        // Past its age, an idle HTTP/1.1 connection is closed with the next response (`connection: close`) rather
-        // than under a request the client may be sending at that moment; HTTP/2's GOAWAY has no such race.
-        if close_at.is_some()
-            && !stopping
-            && (activity.protocol() != Protocol::Http1 || activity.in_flight.load(Ordering::SeqCst) > 0)
-        {
-            stopping = true;
-            connection.as_mut().graceful_shutdown();
+        // Past its age, the client is asked to go away at a moment the connection has no call in flight, if one
+        // comes soon (`goaway_by`): clients built on hyper (tonic's channel among them) fail, without sending it,
+        // a call they queued just as a GOAWAY arrived on a connection with calls open, and do not retry it. An idle
+        // HTTP/1.1 connection is closed with the next response (`connection: close`) rather than under a request
+        // the client may be sending at that moment.
+        if let (Some(by), false) = (goaway_by, stopping) {
+            let idle = activity.in_flight.load(Ordering::SeqCst) == 0;
+            let ready = match activity.protocol() {
+                Protocol::Http1 => !idle,
+                _ => idle || Instant::now() >= by,
+            };
+            if ready {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
         }
+        let pending_goaway = !stopping && goaway_by.is_some_and(|by| by > Instant::now());
         let deadline = activity.deadline(limits);
         let wake = deadline.map_or_else(later, |(at, _)| at);
         tokio::select! {
@@ -434,8 +449,12 @@ async fn serve_connection<IO>(
                 goaway_at = None;
                 metrics::counter!(TIMED_OUT_CONNECTIONS, "listener" => listener, "timeout" => "age").increment(1);
                 tracing::debug!(listener, "connection reached its maximum age: asking the client to go away");
+                let age = limits.max_age.unwrap_or_default();
+                goaway_by = Some(Instant::now() + (age / 10).min(MAX_GOAWAY_WAIT));
                 close_at = Some(Instant::now() + limits.age_grace);
             }
+            // Time to ask anyway (HTTP/2); an idle HTTP/1.1 connection waits for its next request.
+            _ = tokio::time::sleep_until(goaway_by.unwrap_or_else(later)), if pending_goaway => {}
             _ = tokio::time::sleep_until(close_at.unwrap_or_else(later)), if close_at.is_some() => {
                 metrics::counter!(TIMED_OUT_CONNECTIONS, "listener" => listener, "timeout" => "age_grace")
                     .increment(1);
