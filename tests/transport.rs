@@ -817,6 +817,42 @@ async fn connections_are_recycled_at_their_maximum_age_without_failing_a_call() 
     assert_eq!(aged("grpc", "age_grace"), 1.0, "{m}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_go_away_and_silent_peers_are_found_by_keepalive() {
+    let server = TestServer::start(
+        &model_dir("tiny"),
+        &["--max-connection-idle", "2s", "--http2-keepalive-interval", "300ms", "--http2-keepalive-timeout", "300ms"],
+    )
+    .await;
+    let sample =
+        |timeout: &str| format!(r#"clipserve_timed_out_connections_total{{listener="grpc",timeout="{timeout}"}}"#);
+
+    // A peer that opens an HTTP/2 connection and then goes silent (as one behind a NAT that forgot it): the
+    // server's PINGs go unanswered and the connection is closed within interval + timeout.
+    let mut silent = tokio::net::TcpStream::connect(&server.grpc_addr).await.unwrap();
+    silent.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    silent.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // an empty SETTINGS frame
+    let opened = Instant::now();
+    // What the server sends is read (its SETTINGS and PINGs) but never answered.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut sink = [0u8; 4096];
+        while matches!(silent.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let after = opened.elapsed();
+    assert!(closed.is_ok(), "the silent peer's connection was not closed");
+    assert!(after >= Duration::from_millis(500) && after < Duration::from_secs(2), "closed after {after:?}");
+    assert_eq!(wait_metric(&server, &sample("keepalive"), 1.0).await, 1.0);
+
+    // A client with nothing in flight for the idle limit is asked to go away; its channel reconnects for the
+    // next call. It answered every PING meanwhile: keepalive did not close it.
+    let channel = server.channel().await;
+    assert_eq!(embed_text(channel.clone(), None).await.unwrap(), 512);
+    assert_eq!(wait_metric(&server, &sample("idle"), 1.0).await, 1.0, "the idle connection stayed open");
+    assert_eq!(embed_text(channel, None).await.unwrap(), 512);
+    assert_eq!(server.metric(&sample("keepalive")).await, 1.0);
+}
+
 /// A stream of `n` messages, one every `pace`: how many were answered, and how it ended.
 async fn paced_stream(channel: Channel, n: usize, pace: Duration) -> (usize, Result<(), tonic::Status>) {
     let messages = futures::stream::iter(0..n).then(move |i| async move {
