@@ -141,7 +141,7 @@ pub struct ServeArgs {
 
     /// Time a client has to send a request's headers on the HTTP listener, from their first byte (from the opening
     /// of the connection for its first request); the connection is closed past it. On the gRPC listener, the time
-    /// a new connection has to send its first bytes.
+    /// a new connection has to send its first bytes. With TLS, also the time a handshake may take.
     #[arg(long, env = "CLIPSERVE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http_header_timeout: Duration,
 
@@ -194,9 +194,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
 
-    /// Connections on both listeners are asked to go away (HTTP/2 GOAWAY; HTTP/1.1: closed after the response in
-    /// progress) after about this long, so that clients reconnect and spread over replicas added since. Each
-    /// connection's age is jittered by up to 10% either way; 0 never recycles.
+    /// Connections on both listeners are asked to go away (HTTP/2 GOAWAY, at the first moment with no call in
+    /// flight within a tenth of the age; HTTP/1.1: `connection: close` on the next response) after about this
+    /// long, so that clients reconnect and spread over replicas added since. Each connection's age is jittered by
+    /// up to 10% either way; 0 never recycles.
     #[arg(long, env = "CLIPSERVE_MAX_CONNECTION_AGE", default_value = "5m", value_parser = parse_duration)]
     pub max_connection_age: Duration,
 
