@@ -18,6 +18,7 @@ pub mod model;
 pub mod prepare;
 pub mod server;
 pub mod timing;
+pub mod tls;
 pub mod zeroshot;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.

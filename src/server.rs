@@ -12,7 +12,10 @@ use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineParts, Limits, ModelInfo};
 use crate::error::ApiKey;
 use crate::grpc::api_key_interceptor;
+use crate::grpc::compression::{Encoding, GrpcMessagesLayer};
+use crate::grpc::deadline::GrpcDeadlineLayer;
 use crate::grpc::EmbedderService;
+use crate::http::listener::{ConnectionLimits, ListenerConfig};
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
@@ -21,6 +24,10 @@ use crate::model::faults::Faults;
 use crate::model::{device, Manifest, ModelPool, PoolConfig, WorkerHealth};
 use crate::pb;
 use crate::pb::embedder_server::EmbedderServer;
+use crate::tls::{Alpn, Tls, TlsFiles};
+
+/// Connections the health listener takes at once (probes and scrapers).
+const HEALTH_CONNECTIONS: usize = 64;
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -165,16 +172,39 @@ async fn serve(
     metrics::gauge!(crate::metrics::LABEL_CACHE_BYTES).set(0.0);
     let (max_http, max_grpc) =
         crate::http::listener::fit_file_limit(args.max_http_connections, args.max_grpc_connections);
-    let connection_limits = |max_connections| crate::http::listener::ConnectionLimits {
-        max_connections,
-        header_timeout: args.http_header_timeout,
-        idle_timeout: args.http_idle_timeout,
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
+            let tls = Tls::load(files).context("loading the TLS files")?;
+            tokio::spawn(tls.clone().watch(args.tls_reload_interval));
+            Some(tls)
+        }
+        _ => None,
+    };
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+    let listener_config = |name, max_connections, idle_timeout, protocols| ListenerConfig {
+        name,
+        limits: ConnectionLimits {
+            max_connections,
+            header_timeout: args.http_header_timeout,
+            idle_timeout,
+            max_age: nonzero(args.max_connection_age),
+            age_grace: args.max_connection_age_grace,
+            keepalive_interval: nonzero(args.http2_keepalive_interval),
+            keepalive_timeout: args.http2_keepalive_timeout,
+        },
+        tls: if name == "health" { None } else { tls.clone() },
+        protocols,
     };
     let listener = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let http_listener =
         TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
     let http_addr = http_listener.local_addr()?;
+    let health_listener = match args.health_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
+        None => None,
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<EmbedderServer<EmbedderService>>().await;
@@ -184,32 +214,41 @@ async fn serve(
         .build_v1()?;
     let api_key = ApiKey::new(args.api_key.clone());
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    let embedder = InterceptedService::new(
-        EmbedderServer::new(
-            EmbedderService::new(engine.clone(), classifier.clone(), args.stream_window, closing_rx)
-                .with_faults(pool_config.faults.clone()),
-        )
-        .max_decoding_message_size(args.max_message_bytes)
-        .max_encoding_message_size(args.max_message_bytes),
-        api_key_interceptor(api_key.clone()),
-    );
+    let mut embedder_server = EmbedderServer::new(
+        EmbedderService::new(engine.clone(), classifier.clone(), args.stream_window, closing_rx)
+            .with_faults(pool_config.faults.clone()),
+    )
+    .max_decoding_message_size(args.max_message_bytes)
+    .max_encoding_message_size(args.max_message_bytes);
+    // Requests are decompressed before tonic sees them (GrpcMessagesLayer); answers are compressed by tonic in the
+    // encoding the layer leaves in `grpc-accept-encoding`. Accepting here only makes tonic list the encodings when it
+    // refuses another one.
+    for encoding in Encoding::ALL {
+        embedder_server = embedder_server.accept_compressed(encoding.tonic()).send_compressed(encoding.tonic());
+    }
+    let embedder = InterceptedService::new(embedder_server, api_key_interceptor(api_key.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let mut grpc_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .layer(RequestMetricsLayer::grpc())
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(embedder)
-            .serve_with_incoming_shutdown(
-                crate::http::listener::grpc_incoming(listener, connection_limits(max_grpc)),
-                stopped(stop_rx.clone()),
-            ),
-    );
-    let app = crate::http::router(crate::http::HttpState {
+    // Served per connection like the HTTP listener (see http::listener), so that TLS, connection age, idle and
+    // keepalive are the same on both.
+    let grpc_app = tonic::service::Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(embedder)
+        .prepare()
+        .into_axum_router()
+        .layer(GrpcMessagesLayer::new(args.max_message_bytes))
+        .layer(GrpcDeadlineLayer)
+        .layer(RequestMetricsLayer::grpc());
+    let mut grpc_server = tokio::spawn(crate::http::listener::serve(
+        listener,
+        grpc_app,
+        listener_config("grpc", max_grpc, nonzero(args.max_connection_idle), Alpn::Grpc),
+        stopped(stop_rx.clone()),
+    ));
+    let http_state = crate::http::HttpState {
         engine: engine.clone(),
         classifier,
         azure_task: args.azure_task,
@@ -219,16 +258,33 @@ async fn serve(
         max_text_chars: args.max_text_chars,
         body_timeout: args.http_body_timeout,
         budget_wait: args.http_budget_wait,
-    })
-    .layer(RequestMetricsLayer::http());
-    let mut http_server = tokio::spawn(crate::http::listener::serve_http(
+    };
+    let mut health_addr = None;
+    if let Some(health_listener) = health_listener {
+        health_addr = Some(health_listener.local_addr()?);
+        let app = crate::http::probe_router(http_state.clone()).layer(RequestMetricsLayer::http());
+        let config = listener_config("health", HEALTH_CONNECTIONS, Some(args.http_idle_timeout), Alpn::Http);
+        tokio::spawn(crate::http::listener::serve(health_listener, app, config, stopped(stop_rx.clone())));
+    }
+    let app = crate::http::router(http_state).layer(RequestMetricsLayer::http());
+    let mut http_server = tokio::spawn(crate::http::listener::serve(
         http_listener,
         app,
-        connection_limits(max_http),
+        listener_config("http", max_http, Some(args.http_idle_timeout), Alpn::Http),
         stopped(stop_rx),
     ));
+    match &tls {
+        Some(tls) if tls.mutual() => {
+            tracing::info!("TLS on both listeners; clients need a certificate of the client CA")
+        }
+        Some(_) => tracing::info!("TLS on both listeners"),
+        None => tracing::info!("plaintext on both listeners (no --tls-cert)"),
+    }
     // The one line scripts and tests look for.
-    eprintln!("listening grpc={grpc_addr} http={http_addr}");
+    match health_addr {
+        Some(health) => eprintln!("listening grpc={grpc_addr} http={http_addr} health={health}"),
+        None => eprintln!("listening grpc={grpc_addr} http={http_addr}"),
+    }
     tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), "serving; loading the model");
 
     // Load and warm up the model off the runtime; health turns SERVING once every worker is ready.
@@ -272,11 +328,11 @@ async fn serve(
 
     tokio::select! {
         result = &mut grpc_server => {
-            result.context("gRPC server task")?.context("gRPC server")?;
+            result.context("gRPC server task")?.context("gRPC listener")?;
             anyhow::bail!("gRPC server stopped unexpectedly");
         }
         result = &mut http_server => {
-            result.context("HTTP server task")?.context("HTTP server")?;
+            result.context("HTTP server task")?.context("HTTP listener")?;
             anyhow::bail!("HTTP server stopped unexpectedly");
         }
         _ = shutdown_signal() => {}
