@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use crate::batching::{AdmissionControl, Batcher, BudgetPermit, MemoryBudget, Reply, Ticket};
 use crate::error::{Error, Reason};
 use crate::inputs::fetch::UrlFetcher;
-use crate::inputs::image::ImagePreprocessor;
+use crate::inputs::image::{ImagePreprocessor, PreprocessMode};
 use crate::inputs::text::ClipTokenizer;
 use crate::model::WorkerHealth;
 use crate::prepare::{PrepareContext, Preparer, RequestWork, Unit, UnitInput};
@@ -93,6 +93,8 @@ pub struct EngineParts {
     /// The queues the model workers take batches from.
     pub batcher: Arc<Batcher>,
     pub images: ImagePreprocessor,
+    /// `--preprocess`: exact or fast image preprocessing.
+    pub image_mode: PreprocessMode,
     pub tokenizer: ClipTokenizer,
     pub fetcher: UrlFetcher,
     pub limits: Limits,
@@ -140,6 +142,7 @@ impl Engine {
         let EngineParts {
             batcher,
             images,
+            image_mode,
             tokenizer,
             fetcher,
             limits,
@@ -149,8 +152,10 @@ impl Engine {
             inject_panic_on_text,
         } = parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
-        let preparer =
-            Preparer::start(cpu_threads, PrepareContext { images, tokenizer, batcher, inject_panic_on_text })?;
+        let preparer = Preparer::start(
+            cpu_threads,
+            PrepareContext { images, image_mode, tokenizer, batcher, inject_panic_on_text },
+        )?;
         Ok(Engine {
             preparer: Arc::new(preparer),
             admission: AdmissionControl::new(limits.max_queued_items),

@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::batching::{Batcher, BudgetPermit, ImageInput, Job, Reply, TextInput, Ticket};
 use crate::engine::ImageSource;
 use crate::error::{Error, Reason};
-use crate::inputs::image::{decode_base64, ImagePreprocessor};
+use crate::inputs::image::{decode_base64, ImagePreprocessor, PreprocessMode};
 use crate::inputs::text::ClipTokenizer;
 use crate::metrics as m;
 
@@ -48,6 +48,7 @@ pub struct Unit {
 /// What preparing needs.
 pub struct PrepareContext {
     pub images: ImagePreprocessor,
+    pub image_mode: PreprocessMode,
     pub tokenizer: ClipTokenizer,
     pub batcher: Arc<Batcher>,
     /// Testing only: tokenizing exactly this text panics.
@@ -326,10 +327,11 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
     let (modality, result) = match input {
         UnitInput::Image(source) => {
             let r = guard("preprocess", format_args!("image of item {index}"), || {
+                let (images, mode) = (&context.images, context.image_mode);
                 let pixels = match source {
-                    ImageSource::Bytes(b) => context.images.preprocess_until(&b, &should_stop),
+                    ImageSource::Bytes(b) => images.preprocess_mode_until(&b, mode, &should_stop),
                     ImageSource::Base64(s) => {
-                        decode_base64(&s).and_then(|b| context.images.preprocess_until(&b, &should_stop))
+                        decode_base64(&s).and_then(|b| images.preprocess_mode_until(&b, mode, &should_stop))
                     }
                     ImageSource::Url(_) => Err(Error::new(Reason::InternalPanic, "image URL was not fetched")),
                 }?;

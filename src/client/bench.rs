@@ -91,8 +91,8 @@ pub struct BenchArgs {
 
     /// Time the image preprocessing alone (decode, resize, normalise: encoded bytes to the model's input tensor)
     /// on these images, in this process, on one thread, in each mode of --preprocess-mode; no server, no model.
-    /// Prints images per second per core and the time per stage. Pin it to a core (taskset -c 0) for steady
-    /// figures.
+    /// Prints images per second per core (per second of CPU time the process used, so that other load on the
+    /// machine matters less; wall-clock rates too) and the time per stage. --duration is per image and mode.
     #[arg(long, num_args = 1.., value_name = "IMAGE")]
     pub preprocess: Vec<PathBuf>,
 
@@ -355,10 +355,17 @@ pub struct PreprocessResult {
     pub bytes: usize,
     pub mode: PreprocessMode,
     pub images: u64,
+    /// CPU time the process used for them.
+    pub cpu_seconds: f64,
+    /// Wall-clock time they took.
     pub seconds: f64,
+    /// Images per second of CPU time: the rate of one core.
     pub images_per_second: f64,
+    /// Images per second of wall-clock time.
+    pub images_per_wall_second: f64,
+    /// CPU milliseconds per image.
     pub ms_per_image: f64,
-    /// Milliseconds per image in each stage, from a separate timed run.
+    /// CPU milliseconds per image in each stage: their shares timed in separate runs.
     pub stages_ms: Stages,
 }
 
@@ -408,7 +415,7 @@ fn preprocess(args: &BenchArgs) -> anyhow::Result<PreprocessReport> {
         format!("{:.1}s", d.as_secs_f64())
     });
     for (name, bytes) in &images {
-        let mut counts = vec![(0u64, Duration::ZERO); modes.len()];
+        let mut counts = vec![(0u64, Duration::ZERO, Duration::ZERO); modes.len()];
         let mut stages = vec![(0u64, StageTimes::default()); modes.len()];
         for &mode in modes {
             // Warm-up, and the input's errors surface here.
@@ -417,7 +424,7 @@ fn preprocess(args: &BenchArgs) -> anyhow::Result<PreprocessReport> {
         }
         for _ in 0..PREPROCESS_ROUNDS {
             for (i, &mode) in modes.iter().enumerate() {
-                let start = Instant::now();
+                let (start, cpu) = (Instant::now(), process_cpu_time());
                 let mut n = 0u64;
                 while start.elapsed() < round * 3 / 4 || n == 0 {
                     let t = pre.preprocess_mode_until(bytes, mode, &crate::inputs::image::never_stop);
@@ -425,7 +432,8 @@ fn preprocess(args: &BenchArgs) -> anyhow::Result<PreprocessReport> {
                     n += 1;
                 }
                 counts[i].0 += n;
-                counts[i].1 += start.elapsed();
+                counts[i].1 += process_cpu_time().saturating_sub(cpu);
+                counts[i].2 += start.elapsed();
                 let start = Instant::now();
                 while start.elapsed() < round / 4 || stages[i].0 == 0 {
                     let (t, times) =
@@ -437,25 +445,33 @@ fn preprocess(args: &BenchArgs) -> anyhow::Result<PreprocessReport> {
             }
         }
         for (i, &mode) in modes.iter().enumerate() {
-            let (n, spent) = counts[i];
-            let (m, t) = stages[i];
-            let per = |d: Duration| d.as_secs_f64() * 1e3 / m as f64;
+            let (n, cpu, wall) = counts[i];
+            let (_, t) = stages[i];
+            let cpu = cpu.max(Duration::from_nanos(1)).as_secs_f64();
+            // The stages' shares come from wall-clock timers around each stage; they are scaled to the CPU time
+            // per image, so that time the process spent preempted is not counted in any stage.
+            let staged = (t.decode + t.resize + t.normalize).as_secs_f64().max(1e-12);
+            let per = |d: Duration| cpu * 1e3 / n as f64 * d.as_secs_f64() / staged;
             let r = PreprocessResult {
                 image: name.clone(),
                 bytes: bytes.len(),
                 mode,
                 images: n,
-                seconds: spent.as_secs_f64(),
-                images_per_second: n as f64 / spent.as_secs_f64(),
-                ms_per_image: spent.as_secs_f64() * 1e3 / n as f64,
+                cpu_seconds: cpu,
+                seconds: wall.as_secs_f64(),
+                images_per_second: n as f64 / cpu,
+                images_per_wall_second: n as f64 / wall.as_secs_f64(),
+                ms_per_image: cpu * 1e3 / n as f64,
                 stages_ms: Stages { decode: per(t.decode), resize: per(t.resize), normalize: per(t.normalize) },
             };
             println!(
-                "{} ({} KB) {}: {:.1} img/s, {:.2} ms/img (decode {:.2} ms, resize {:.2} ms, normalise {:.3} ms)",
+                "{} ({} KB) {}: {:.1} img/s per core ({:.1} wall), {:.2} ms/img (decode {:.2} ms, resize {:.2} ms, \
+                 normalise {:.3} ms)",
                 r.image,
                 r.bytes / 1000,
                 mode.name(),
                 r.images_per_second,
+                r.images_per_wall_second,
                 r.ms_per_image,
                 r.stages_ms.decode,
                 r.stages_ms.resize,
@@ -475,6 +491,16 @@ fn preprocess(args: &BenchArgs) -> anyhow::Result<PreprocessReport> {
         println!("{}: geometric mean {:.1} img/s per core over {} image(s)", mode.name(), g, images.len());
     }
     Ok(PreprocessReport { threads: 1, results, geometric_mean })
+}
+
+/// CPU time this process has used (all its threads).
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Times the TorchScript forward alone, in-process, at a fixed batch size.

@@ -476,9 +476,8 @@ fn check_bmp_side(bytes: &[u8]) -> Result<(), Error> {
 /// followed by 0xD9 or 0xDA (0xFF is byte-stuffed), so the last 0xFFDA is the last scan header, and a complete file
 /// has its 0xFFD9 after it; thumbnails in APP segments come before the image's own scans.
 fn jpeg_has_end(bytes: &[u8]) -> bool {
-    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    match last_sos {
-        Some(pos) => bytes[pos..].windows(2).any(|w| w == [0xFF, 0xD9]),
+    match memchr::memmem::rfind(bytes, &[0xFF, 0xDA]) {
+        Some(pos) => memchr::memmem::find(&bytes[pos..], &[0xFF, 0xD9]).is_some(),
         None => false,
     }
 }
