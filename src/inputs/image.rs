@@ -56,8 +56,9 @@ pub enum PreprocessMode {
     /// bicubic resize.
     #[default]
     Exact,
-    /// JPEGs decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (the smallest whose short side still covers the
-    /// model's input), with the fast IDCT and no fancy upsampling, then the same resize; other formats as exact.
+    /// JPEGs large enough decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (the smallest whose short side still
+    /// covers the model's input) without fancy upsampling, then the same resize; smaller JPEGs and other formats
+    /// exactly as in the exact mode.
     Fast,
 }
 
