@@ -15,8 +15,13 @@ use clipserve::model::{Backend, Manifest, TorchBackend};
 use common::*;
 use serde_json::Value;
 
-/// The photo set, made (once) by the generator next to the other test data.
+/// The photo set, made (once, whichever test asks first) by the generator next to the other test data.
 fn photos() -> (PathBuf, Vec<Value>) {
+    static PHOTOS: std::sync::OnceLock<(PathBuf, Vec<Value>)> = std::sync::OnceLock::new();
+    PHOTOS.get_or_init(make_photos).clone()
+}
+
+fn make_photos() -> (PathBuf, Vec<Value>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/test-photos");
     let script = root.join("deploy/make_test_photos.py");
@@ -118,6 +123,19 @@ fn fast_preprocessing_stays_close_to_exact() {
         worst_cosine.1,
         manifest.weights
     );
+    let summary = serde_json::json!({
+        "images": cases.len(),
+        "jpegs_scaled": jpegs.len(),
+        "worst_max_pixel_difference": worst_pixel.0,
+        "worst_max_pixel_difference_image": worst_pixel.1,
+        "mean_absolute_difference": mean_abs / values as f64,
+        "worst_cosine": worst_cosine.0,
+        "worst_cosine_image": worst_cosine.1,
+        "model": "vit-b32",
+        "weights": manifest.weights,
+    });
+    // deploy/benchmark.py quotes it in deploy/BENCHMARKS.md.
+    std::fs::write(dir.join("fidelity.json"), serde_json::to_string_pretty(&summary).unwrap()).unwrap();
     // The fast path really is another decode on the JPEGs it scales (which cannot give the same pixels) ...
     assert!(jpegs.len() >= 40, "{} JPEGs scaled", jpegs.len());
     for c in &jpegs {
@@ -127,4 +145,70 @@ fn fast_preprocessing_stays_close_to_exact() {
     assert!(worst_pixel.0 < 1.0, "worst pixel difference {} on {}", worst_pixel.0, worst_pixel.1);
     assert!(mean_abs / (values as f64) < 0.05, "mean absolute difference {}", mean_abs / values as f64);
     assert!(worst_cosine.0 > 0.99, "worst cosine {} on {}", worst_cosine.0, worst_cosine.1);
+}
+
+/// `serve --preprocess fast` is wired to the pipeline: a JPEG it scales embeds a little differently from the exact
+/// server, a PNG identically.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_flag_selects_the_mode() {
+    let (dir, _) = photos();
+    let jpeg = std::fs::read(dir.join("photo_1280x960_0.jpg")).unwrap();
+    let png = std::fs::read(dir.join("photo_800x600.png")).unwrap();
+    let mut answers = Vec::new();
+    for mode in ["exact", "fast"] {
+        let server = TestServer::start(&model_dir("tiny"), &["--preprocess", mode]).await;
+        let mut client = server.client().await;
+        let items = [("jpeg", &jpeg), ("png", &png)]
+            .iter()
+            .map(|(id, bytes)| clipserve::pb::Item {
+                id: id.to_string(),
+                image: Some(clipserve::pb::item::Image::ImageBytes(bytes.to_vec())),
+                text: None,
+            })
+            .collect();
+        let r = client.embed(clipserve::pb::EmbedRequest { items, normalize: false }).await.unwrap().into_inner();
+        answers.push(r.embeddings.into_iter().map(|e| e.image_features).collect::<Vec<_>>());
+    }
+    let (exact, fast) = (&answers[0], &answers[1]);
+    assert_ne!(exact[0], fast[0], "the JPEG went through the same pipeline in both modes");
+    assert!(cosine(&exact[0], &fast[0]) > 0.999, "cosine {}", cosine(&exact[0], &fast[0]));
+    assert_eq!(exact[1], fast[1], "a PNG is preprocessed alike in both modes");
+}
+
+/// `clipserve bench --preprocess` times both modes and reports per-core rates and stages.
+#[test]
+fn bench_preprocess_reports_both_modes() {
+    let (dir, _) = photos();
+    let image = dir.join("photo_640x480_0.jpg");
+    let json = std::env::temp_dir().join(format!("clipserve-bench-preprocess-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_clipserve"))
+        .args(["bench", "--preprocess"])
+        .arg(&image)
+        .args(["--duration", "300ms", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("exact: geometric mean") && stdout.contains("fast: geometric mean"), "{stdout}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, mode) in results.iter().zip(["exact", "fast"]) {
+        assert_eq!(r["mode"], mode);
+        assert!(r["images"].as_u64().unwrap() > 0 && r["images_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        let stages = &r["stages_ms"];
+        for stage in ["decode", "resize", "normalize"] {
+            assert!(stages[stage].as_f64().unwrap() > 0.0, "{mode} {stage}: {stages}");
+        }
+    }
+    // A file that is not an image is an error, not a rate.
+    let out = Command::new(env!("CARGO_BIN_EXE_clipserve"))
+        .args(["bench", "--preprocess", "Cargo.toml", "--duration", "100ms"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a supported image"), "{:?}", out);
 }
