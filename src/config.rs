@@ -251,6 +251,10 @@ pub struct ServeArgs {
     /// once are computed once. An entry of 512 floats costs about 2.2 KB. 0 disables the cache.
     #[arg(long, env = "CLIPSERVE_CACHE_MB", default_value_t = 64)]
     pub cache_mb: usize,
+    /// Image preprocessing: exact (the default) or fast (several times faster on large JPEG photos, pixels
+    /// slightly different: the README gives the measured distance).
+    #[arg(long, env = "CLIPSERVE_PREPROCESS", value_enum, default_value = "exact")]
+    pub preprocess: crate::inputs::image::PreprocessMode,
 
     /// Threads decoding, preprocessing and tokenizing; 0 means one per core.
     #[arg(long, env = "CLIPSERVE_CPU_THREADS", default_value_t = 0)]

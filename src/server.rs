@@ -101,6 +101,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Arc::new(Engine::new(EngineParts {
         batcher: batcher.clone(),
         images,
+        image_mode: args.preprocess,
         tokenizer,
         fetcher,
         limits,
@@ -285,7 +286,7 @@ async fn serve(
         Some(health) => eprintln!("listening grpc={grpc_addr} http={http_addr} health={health}"),
         None => eprintln!("listening grpc={grpc_addr} http={http_addr}"),
     }
-    tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), "serving; loading the model");
+    tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), preprocess = args.preprocess.name(), "serving; loading the model");
 
     // Load and warm up the model off the runtime; health turns SERVING once every worker is ready.
     let loading = {
