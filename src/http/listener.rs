@@ -401,7 +401,7 @@ async fn serve_connection<IO>(
     let connection = builder.serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
     let mut stopping = false;
-    // When this connection is to be asked to go away, and when it is closed whatever is left.
+    // When this connection reaches its (jittered) age.
     let mut goaway_at = limits.max_age.map(|age| Instant::now() + jittered(age));
     // Once the age is reached: when the client is asked to go away at the latest, and when the connection is
     // closed whatever is left.
