@@ -453,6 +453,27 @@ unsafe fn horizontal_avx2(taps: &HorizontalTaps, data: &[u8], stride: usize, x0:
         assert!(start + pairs * 8 + (rows - 1) * stride <= data.len());
         let k = lanes.as_ptr() as *const __m256i;
         let mut r = 0;
+        // Four rows at a time: four independent sums per weight load.
+        while r + 4 <= rows {
+            let p0 = data.as_ptr().add(r * stride + start);
+            let (p1, p2, p3) = (p0.add(stride), p0.add(2 * stride), p0.add(3 * stride));
+            let mut acc = [_mm256_setzero_si256(); 4];
+            for i in 0..pairs {
+                let kv = _mm256_loadu_si256(k.add(i));
+                for (a, p) in acc.iter_mut().zip([p0, p1, p2, p3]) {
+                    let x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(i * 8) as *const __m128i));
+                    *a = _mm256_add_epi32(*a, _mm256_mullo_epi32(x, kv));
+                }
+            }
+            for (j, a) in acc.into_iter().enumerate() {
+                let v = finish(a).to_le_bytes();
+                let o = &mut out[(r + j) * line..(r + j + 1) * line];
+                o[ox] = v[0];
+                o[w + ox] = v[1];
+                o[2 * w + ox] = v[2];
+            }
+            r += 4;
+        }
         while r < rows {
             let two = r + 1 < rows;
             let p0 = data.as_ptr().add(r * stride + start);
