@@ -9,7 +9,7 @@
       1, 8 and 64.
 
 Writes a markdown table (throughput, latency percentiles, ratios) to --out and prints it.
-Run it with the project's virtualenv: .venv/bin/python deploy/benchmark.py
+Run it with the project's virtualenv: .venv/bin/python dev/benchmark.py
 """
 
 import argparse
@@ -140,10 +140,10 @@ def main() -> None:
                     help="model directory exported with --save-hf (default: the tests' full-size model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per row")
-    ap.add_argument("--out", type=Path, default=ROOT / "deploy" / "BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "dev" / "BENCHMARKS.md")
     args = ap.parse_args()
     if not (args.model / "hf").is_dir():
-        raise SystemExit(f"{args.model}/hf missing: export with deploy/export_model.py --save-hf (deploy/test.sh does)")
+        raise SystemExit(f"{args.model}/hf missing: export with deploy/export_model.py --save-hf (dev/test.sh does)")
 
     work = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
     jpeg_path = work / "640x480.jpg"
@@ -198,7 +198,7 @@ def main() -> None:
     lines = [
         "# clipserve benchmark",
         "",
-        f"Written by `deploy/benchmark.py` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
+        f"Written by `dev/benchmark.py` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
         f"core(s), device `{args.device}`, model `{args.model.name}` (full-size ViT-B/32 architecture; "
         f"{json.loads((args.model / 'manifest.json').read_text())['weights']}). {args.seconds:.0f} s per row.",
         "",
@@ -226,7 +226,7 @@ def main() -> None:
                      f"endpoint serves one-item calls); {e2e / py_best:.2f}x the best Python batch row "
                      f"({py_best:.1f} items/s).")
     text = "\n".join(lines) + "\n"
-    # The file's GPU section is deploy/gpu_benchmark.py's documentation: kept as it is.
+    # The file's GPU section is dev/gpu_benchmark.py's documentation: kept as it is.
     old = args.out.read_text() if args.out.exists() else ""
     gpu = old.find("\n## GPU benchmark")
     args.out.write_text(text + (old[gpu:] if gpu >= 0 else ""))

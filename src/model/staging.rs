@@ -287,7 +287,7 @@ mod tests {
     fn the_model_sees_the_same_batch_as_before() {
         use crate::model::{Backend, Manifest, TorchBackend};
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models/tiny");
-        assert!(dir.join("model.pt").exists(), "{} missing: run deploy/test.sh (it exports it)", dir.display());
+        assert!(dir.join("model.pt").exists(), "{} missing: run dev/test.sh (it exports it)", dir.display());
         let _no_grad = tch::no_grad_guard();
         let manifest = Manifest::load(&dir).unwrap();
         let mut backend = TorchBackend::load(&dir, &manifest, Device::Cpu, false).unwrap();

@@ -1,4 +1,4 @@
-//! Shared test support: the reference fixtures written by deploy/make_test_fixtures.py, and a real
+//! Shared test support: the reference fixtures written by dev/make_test_fixtures.py, and a real
 //! `clipserve serve` process on port 0.
 #![allow(dead_code)]
 
@@ -19,11 +19,11 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-fixtures"))
 }
 
-/// The parsed `fixtures.json`. Missing fixtures are a setup error, reported loudly: run deploy/test.sh.
+/// The parsed `fixtures.json`. Missing fixtures are a setup error, reported loudly: run dev/test.sh.
 pub fn fixtures() -> Value {
     let path = fixtures_dir().join("fixtures.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{}: {e}. The reference data is made by deploy/test.sh (run it instead of cargo test)", path.display())
+        panic!("{}: {e}. The reference data is made by dev/test.sh (run it instead of cargo test)", path.display())
     });
     serde_json::from_str(&text).expect("fixtures.json")
 }
