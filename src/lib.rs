@@ -4,9 +4,12 @@
 //! CPU pool, then the per-modality queues of [`batching::Batcher`], from which the model worker threads of
 //! [`model`] form batches whenever they are free.
 
+pub mod auth;
 pub mod batching;
+pub mod cli;
 pub mod client;
 pub mod config;
+pub mod duration;
 pub mod engine;
 pub mod error;
 pub mod grpc;

@@ -7,11 +7,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
+use crate::auth::ApiKey;
 use crate::batching::{Batcher, BatcherConfig};
 use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineParts, Limits, ModelInfo};
-use crate::error::ApiKey;
-use crate::grpc::api_key_interceptor;
 use crate::grpc::EmbedderService;
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
@@ -153,7 +152,7 @@ async fn serve(
         )
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes),
-        api_key_interceptor(api_key.clone()),
+        crate::auth::grpc_interceptor(api_key.clone()),
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

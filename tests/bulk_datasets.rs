@@ -636,8 +636,8 @@ async fn a_server_name_with_several_addresses_gets_a_stream_per_address_and_foll
         "--output",
         output.to_str().unwrap(),
     ];
-    let args = match <clipserve::config::Cli as clap::Parser>::parse_from(argv).command {
-        clipserve::config::Command::Embed(a) => a,
+    let args = match <clipserve::cli::Cli as clap::Parser>::parse_from(argv).command {
+        clipserve::cli::Command::Embed(a) => a,
         _ => unreachable!(),
     };
     let run = tokio::spawn(clipserve::client::embed::embed(args, resolver));

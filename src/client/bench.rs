@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::config::parse_duration;
+use crate::duration::parse_duration;
 use crate::pb::{embedder_client::EmbedderClient, item::Image, EmbedRequest, Item};
 
 /// What to send.

@@ -76,17 +76,6 @@ where
     Guarded { inner: future, what }
 }
 
-/// The gRPC side of the API key: checks the `authorization` metadata of every Embedder call.
-pub fn api_key_interceptor(
-    key: crate::error::ApiKey,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |request: Request<()>| {
-        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        key.check(value)?;
-        Ok(request)
-    }
-}
-
 /// How much earlier than its `grpc-timeout` a call gives up. tonic's server enforces the same header itself from
 /// the call's arrival and then answers CANCELLED ("Timeout expired"); giving up first, a millisecond (one tick of
 /// the runtime's timer) early, answers DEADLINE_EXCEEDED with its reason instead, as API.md says.

@@ -29,7 +29,7 @@ pub struct HttpState {
     /// Largest request body accepted (413 past it).
     pub max_request_bytes: usize,
     /// Checked on the scoring routes.
-    pub api_key: crate::error::ApiKey,
+    pub api_key: crate::auth::ApiKey,
     /// Longest text cell, in characters (413 past it, found while the body is parsed).
     pub max_text_chars: usize,
     /// Time allowed to receive a whole request body (408 past it).

@@ -41,7 +41,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::config::parse_duration;
+use crate::duration::parse_duration;
 
 pub use pool::{system_resolver, Resolver};
 
