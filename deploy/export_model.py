@@ -6,7 +6,9 @@ The directory holds:
                  returning the projected, unnormalized embeddings (what CLIPModel.get_image_features /
                  get_text_features return).
   tokenizer.json the CLIP BPE tokenizer for the Rust `tokenizers` crate.
-  manifest.json  model_id, weights, embedding_dim, image_size, image_mean, image_std, context_length, dtype, ...
+  manifest.json  model_id, weights, embedding_dim, image_size, image_mean, image_std, context_length, dtype,
+                 logit_scale (the checkpoint's CLIPModel.logit_scale parameter: zero-shot probabilities are
+                 softmax(exp(logit_scale) * cosine)), ...
 
 The module is a scripted (not traced) re-implementation of the CLIP towers that loads the checkpoint's own
 state dict. Scripting keeps device and dtype out of the graph, so the same file runs on CPU and CUDA, in
@@ -213,7 +215,9 @@ def tiny_config():
                 vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   image_size=224, patch_size=32, hidden_act="quick_gelu")
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
+    # The logit scale OpenAI's CLIP checkpoints end training with (exp = 100), rather than the 1/0.07 a fresh
+    # model starts from: the tests then see both values (the random ViT-B/32 keeps the hub config's init value).
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512, logit_scale_init_value=math.log(100.0))
 
 
 def vit_b32_config():
@@ -433,6 +437,9 @@ def main() -> None:
     if missing or unexpected:
         raise SystemExit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     scripted = torch.jit.script(module)
+    logit_scale = float(hf_model.logit_scale.detach().float().item())
+    if not math.isfinite(logit_scale):
+        raise SystemExit(f"the checkpoint's logit_scale is {logit_scale}")
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     checks = check_module(scripted, hf_model, tokenizer, devices, [torch.float32, torch.float16], image_size)
@@ -454,6 +461,9 @@ def main() -> None:
             "image_std": image_std,
             "context_length": config.text_config.max_position_embeddings,
             "dtype": "float32",
+            # CLIPModel.logit_scale (natural log): zero-shot logits are exp(logit_scale) * cosine, as
+            # CLIPModel.forward and transformers' zero-shot-image-classification pipeline compute them.
+            "logit_scale": logit_scale,
             "devices": ["cpu", "cuda"],
             "dtypes": ["float32", "float16"],
             "start_token_id": START_TOKEN_ID,

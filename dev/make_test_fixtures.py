@@ -6,7 +6,11 @@ For each model directory given (exported with --save-hf, so DIR/hf holds the sam
     grayscale, RGBA and palette;
   - CLIPImageProcessor (PIL backend) pixel tensors for them (float32, little-endian, 3x224x224);
   - CLIPTokenizer ids for 60 varied strings (truncated to 77 tokens);
-  - CLIPModel.get_image_features / get_text_features for those images and strings (fp32, CPU).
+  - CLIPModel.get_image_features / get_text_features for those images and strings (fp32, CPU);
+  - zero-shot classification of some of the images against label sets, as transformers'
+    `zero-shot-image-classification` pipeline computes it (probabilities, in the order of the labels), with its
+    default hypothesis template and with "{}" (labels used as they are, as the Azure endpoint does), and the
+    cosine of each image with each prompt.
 """
 
 import argparse
@@ -127,6 +131,54 @@ def make_images():
     return specs
 
 
+# Zero-shot cases: images (fixture files), labels, and the hypothesis template (None: the pipeline's default).
+# Labels hold no commas, so the Azure flavour can send them comma-separated. No image with transparency: the
+# pipeline's load_image() drops the alpha channel (convert("RGB")), where CLIPImageProcessor, the Azure endpoint
+# and clipserve composite it onto white.
+ZERO_SHOT = [
+    {"images": ["landscape_640x480.jpg", "portrait_480x640.png", "gray_300x300.png"],
+     "labels": ["cat", "dog", "car"], "template": None},
+    {"images": ["exact_224x224.jpg", "progressive_500x375.jpg"],
+     "labels": ["a diagram", "a dog", "a cat", "naïve café", "日本語のテキスト", "an astronaut riding a horse"],
+     "template": None},
+    {"images": ["landscape_640x480.jpg", "webp_320x240.webp"],
+     "labels": ["water_bottle", "milk_bottle", "carton", "can"], "template": "{}"},
+    {"images": ["palette_150x400.png"], "labels": ["a red car", "a red car", "a blue house"],
+     "template": "a picture of {}, maybe"},
+    {"images": ["bmp_97x131.bmp"], "labels": ["only one label"], "template": None},
+]
+
+
+def zero_shot(hf: Path, processor, images_by_name) -> list:
+    """The pipeline's answer for each case, with the probabilities put back in the order of the labels."""
+    from transformers import CLIPModel, CLIPTokenizer, pipeline
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(hf))
+    model = CLIPModel.from_pretrained(str(hf), torch_dtype=torch.float32).eval()
+    classifier = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer,
+                          image_processor=processor, device="cpu")
+    default_template = "This is a photo of {}."  # the pipeline's default, as its preprocess() declares it
+    cases = []
+    for case in ZERO_SHOT:
+        kwargs = {} if case["template"] is None else {"hypothesis_template": case["template"]}
+        template = case["template"] or default_template
+        prompts = [template.format(label) for label in case["labels"]]
+        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+        probs, cosines = [], []
+        for name in case["images"]:
+            answer = classifier(images_by_name[name], candidate_labels=case["labels"], **kwargs)
+            by_label = {}
+            for entry in answer:  # sorted by score; a repeated label has the same score each time
+                by_label.setdefault(entry["label"], []).append(entry["score"])
+            probs.append([by_label[label].pop() for label in case["labels"]])
+            pixel_values = processor(images=images_by_name[name], return_tensors="pt")["pixel_values"]
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values)
+            cosines.append((out.logits_per_image[0] / model.logit_scale.exp()).tolist())
+        cases.append({**case, "prompts": prompts, "probs": probs, "cosines": cosines,
+                      "logit_scale": float(model.logit_scale.item())})
+    return cases
+
+
 def features(out):
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -145,10 +197,12 @@ def main() -> None:
     processor = CLIPImageProcessorPil()  # transformers' CLIPImageProcessor with the PIL backend, CLIP defaults
     images = []
     pil_images = []
+    images_by_name = {}
     for name, data in make_images():
         (out / "images" / name).write_bytes(data)
         img = Image.open(io.BytesIO(data))
         pil_images.append(img)
+        images_by_name[name] = img
         pixels = processor(images=img, return_tensors="np")["pixel_values"][0].astype("<f4")
         assert pixels.shape == (3, 224, 224), pixels.shape
         (out / "pixels" / (name + ".f32")).write_bytes(pixels.tobytes())
@@ -171,6 +225,7 @@ def main() -> None:
             "token_ids": ids,
             "image_features": image_features.tolist(),
             "text_features": text_features.tolist(),
+            "zero_shot": zero_shot(hf, processor, images_by_name),
         }
     (out / "fixtures.json").write_text(json.dumps(fixture))
     print(f"wrote {len(images)} images, {len(TEXTS)} texts, models {list(fixture['models'])} to {out}")

@@ -85,6 +85,28 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_STREAM_WINDOW", default_value_t = 16)]
     pub stream_window: usize,
 
+    /// What POST /score and /invocations answer: `embeddings` (image and text features, as the Azure ML CLIP
+    /// embeddings endpoint) or `zero-shot-image-classification` (each row's image scored against the
+    /// comma-separated labels of the first row's text column, as the Azure ML zero-shot endpoint).
+    #[arg(long, env = "CLIPSERVE_AZURE_TASK", value_enum, default_value_t = AzureTask::Embeddings)]
+    pub azure_task: AzureTask,
+
+    /// Most labels in one zero-shot request (gRPC Classify and the zero-shot /score); past it 413 /
+    /// RESOURCE_EXHAUSTED (TOO_MANY_LABELS).
+    #[arg(long, env = "CLIPSERVE_MAX_LABELS", default_value_t = 1024)]
+    pub max_labels: usize,
+
+    /// How a zero-shot label becomes the text the model embeds: `{}` is replaced by the label. The default is the
+    /// one of transformers' zero-shot-image-classification pipeline; `{}` embeds the labels as they are, as the
+    /// Azure ML zero-shot endpoint does. gRPC Classify requests may name their own.
+    #[arg(long, env = "CLIPSERVE_ZERO_SHOT_TEMPLATE", default_value = crate::zeroshot::DEFAULT_TEMPLATE)]
+    pub zero_shot_template: String,
+
+    /// Bytes of zero-shot label embeddings kept for reuse (about 2.2 KB per label for 512-d embeddings; the
+    /// least recently used go first); 0 keeps none.
+    #[arg(long, env = "CLIPSERVE_LABEL_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub label_cache_bytes: usize,
+
     /// Allow image URLs that resolve to loopback, private, link-local and other non-public addresses
     /// (tests and closed networks only).
     #[arg(long, env = "CLIPSERVE_ALLOW_PRIVATE_URLS")]
@@ -175,4 +197,13 @@ pub struct ServeArgs {
     /// handlers), as src/model/faults.rs describes. Hidden, and deliberately without an environment variable.
     #[arg(long, hide = true, value_parser = crate::model::faults::FaultPlan::parse)]
     pub inject_faults: Option<crate::model::faults::FaultPlan>,
+}
+
+/// What the Azure ML routes (`/score`, `/invocations`) answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AzureTask {
+    /// `[{"image_features": [...], "text_features": [...]}, ...]`: the embeddings endpoint.
+    Embeddings,
+    /// `[{"probs": [...], "labels": [...]}, ...]`: the zero-shot image classification endpoint.
+    ZeroShotImageClassification,
 }

@@ -107,6 +107,10 @@ reasons! {
     InternalPanic = "INTERNAL_PANIC", Internal, false;
     /// Missing or wrong API key.
     Unauthenticated = "UNAUTHENTICATED", Unauthenticated, false;
+    /// Zero-shot labels that cannot be used: none at all, an empty one, or a template without exactly one `{}`.
+    InvalidLabels = "INVALID_LABELS", InvalidArgument, false;
+    /// More zero-shot labels than `--max-labels`.
+    TooManyLabels = "TOO_MANY_LABELS", TooLarge, false;
 }
 
 /// What went wrong with a request or an item: a reason (which fixes the kind) and a human-readable message.

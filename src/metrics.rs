@@ -40,6 +40,14 @@ pub const PANICS: &str = "clipserve_panics_total";
 pub const ERRORS: &str = "clipserve_errors_total";
 /// 1 once the model is loaded and warmed up and the server is not draining, else 0.
 pub const READY: &str = "clipserve_ready";
+/// Zero-shot label texts found in the label embedding cache (or computed meanwhile by another request).
+pub const LABEL_CACHE_HITS: &str = "clipserve_label_cache_hits_total";
+/// Zero-shot label texts embedded because the cache did not hold them.
+pub const LABEL_CACHE_MISSES: &str = "clipserve_label_cache_misses_total";
+/// Entries held by the label embedding cache.
+pub const LABEL_CACHE_ENTRIES: &str = "clipserve_label_cache_entries";
+/// Bytes the label embedding cache's entries are counted as (bounded by --label-cache-bytes).
+pub const LABEL_CACHE_BYTES: &str = "clipserve_label_cache_bytes";
 
 /// Installs the global recorder (once per process) and returns the handle that renders it.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -76,6 +84,10 @@ fn describe() {
     describe_gauge!(BUDGET_BYTES, Unit::Bytes, "Bytes of request data held against the memory budget");
     describe_counter!(PANICS, "Panics caught and answered INTERNAL, by stage");
     describe_counter!(ERRORS, "Errors answered, by reason");
+    describe_counter!(LABEL_CACHE_HITS, "Zero-shot label texts found in the label embedding cache");
+    describe_counter!(LABEL_CACHE_MISSES, "Zero-shot label texts embedded because the cache did not hold them");
+    describe_gauge!(LABEL_CACHE_ENTRIES, "Entries held by the label embedding cache");
+    describe_gauge!(LABEL_CACHE_BYTES, Unit::Bytes, "Bytes held by the label embedding cache");
 }
 
 /// The outcome label of a gRPC code: `ok`, `invalid_argument`, ... (the code's name in snake case).

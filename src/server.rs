@@ -101,17 +101,46 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         workers: workers.clone(),
         inject_panic_on_text: args.inject_preprocess_panic.clone(),
     })?);
+    let classifier = Arc::new(crate::zeroshot::Classifier::new(engine.clone(), classifier_config(&args, &manifest)?));
     if args.inject_preprocess_panic.is_some() {
         tracing::warn!("--inject-preprocess-panic is set: a text will panic on purpose (testing only)");
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve(args, engine, batcher, manifest, pool_config, workers))
+    runtime.block_on(serve(args, engine, classifier, batcher, manifest, pool_config, workers))
+}
+
+/// Zero-shot classification's settings: the flags, and the logit scale of the model directory.
+fn classifier_config(args: &ServeArgs, manifest: &Manifest) -> anyhow::Result<crate::zeroshot::ClassifierConfig> {
+    use crate::zeroshot::{Template, DEFAULT_SCALE};
+    let default_template = Template::parse(&args.zero_shot_template)
+        .map_err(|e| anyhow::anyhow!("--zero-shot-template: {}", e.message()))?;
+    anyhow::ensure!(args.max_labels > 0, "--max-labels must be at least 1");
+    let scale = match manifest.logit_scale {
+        Some(logit_scale) => logit_scale.exp(),
+        None => {
+            tracing::warn!(
+                model = %args.model.display(),
+                "manifest.json has no logit_scale (exported before zero-shot classification was served): zero-shot \
+                 probabilities use CLIP's trained scale of {DEFAULT_SCALE}, right for OpenAI's checkpoints; \
+                 re-export the model (deploy/export_model.py) to use the checkpoint's own"
+            );
+            DEFAULT_SCALE
+        }
+    };
+    tracing::info!(scale, template = %args.zero_shot_template, azure_task = ?args.azure_task, "zero-shot classification");
+    Ok(crate::zeroshot::ClassifierConfig {
+        scale,
+        max_labels: args.max_labels,
+        default_template,
+        cache_bytes: args.label_cache_bytes,
+    })
 }
 
 async fn serve(
     args: ServeArgs,
     engine: Arc<Engine>,
+    classifier: Arc<crate::zeroshot::Classifier>,
     batcher: Arc<Batcher>,
     manifest: Manifest,
     pool_config: PoolConfig,
@@ -124,6 +153,10 @@ async fn serve(
     for modality in ["image", "text"] {
         metrics::gauge!(crate::metrics::QUEUE_DEPTH, "modality" => modality).set(0.0);
     }
+    metrics::counter!(crate::metrics::LABEL_CACHE_HITS).absolute(0);
+    metrics::counter!(crate::metrics::LABEL_CACHE_MISSES).absolute(0);
+    metrics::gauge!(crate::metrics::LABEL_CACHE_ENTRIES).set(0.0);
+    metrics::gauge!(crate::metrics::LABEL_CACHE_BYTES).set(0.0);
     let (max_http, max_grpc) =
         crate::http::listener::fit_file_limit(args.max_http_connections, args.max_grpc_connections);
     let connection_limits = |max_connections| crate::http::listener::ConnectionLimits {
@@ -147,7 +180,7 @@ async fn serve(
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let embedder = InterceptedService::new(
         EmbedderServer::new(
-            EmbedderService::new(engine.clone(), args.stream_window, closing_rx)
+            EmbedderService::new(engine.clone(), classifier.clone(), args.stream_window, closing_rx)
                 .with_faults(pool_config.faults.clone()),
         )
         .max_decoding_message_size(args.max_message_bytes)
@@ -172,6 +205,8 @@ async fn serve(
     );
     let app = crate::http::router(crate::http::HttpState {
         engine: engine.clone(),
+        classifier,
+        azure_task: args.azure_task,
         metrics,
         max_request_bytes: args.max_request_bytes,
         api_key,

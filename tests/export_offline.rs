@@ -63,6 +63,9 @@ fn random_init_export_never_touches_the_network() {
     assert_eq!(manifest["context_length"], 77);
     assert_eq!(manifest["image_size"], 224);
     assert_eq!(manifest["tokenizer_source"], "open_clip:bpe_simple_vocab_16e6");
+    // The hub config's initial logit scale (ln(1/0.07)), kept for zero-shot classification.
+    let logit_scale = manifest["logit_scale"].as_f64().expect("logit_scale in the manifest");
+    assert!((logit_scale - 2.6592).abs() < 1e-4, "logit_scale {logit_scale}");
     // The ViT-B/32 size: about 151 M float32 parameters.
     let size = std::fs::metadata(out_dir.0.join("model.pt")).unwrap().len();
     assert!((590_000_000..620_000_000).contains(&size), "model.pt of {size} bytes");

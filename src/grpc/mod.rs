@@ -1,4 +1,4 @@
-//! The tonic service: protobuf <-> domain conversion, `Embed`, `EmbedStream`, `Info`.
+//! The tonic service: protobuf <-> domain conversion, `Embed`, `EmbedStream`, `Info`, `Classify`.
 
 pub mod codec;
 
@@ -18,20 +18,28 @@ use crate::metrics::layer::CallStart;
 use crate::model::faults::Faults;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
+use crate::zeroshot::{Classification, Classifier, ClassifyOptions};
 
 /// The `clipserve.v1.Embedder` service.
 pub struct EmbedderService {
     engine: Arc<Engine>,
+    classifier: Arc<Classifier>,
     stream_window: usize,
     closing: tokio::sync::watch::Receiver<bool>,
     faults: Option<Arc<Faults>>,
 }
 
 impl EmbedderService {
-    /// A service over `engine`, holding at most `stream_window` messages of one stream in flight. When `closing`
-    /// turns true, open streams stop reading, finish the messages they hold, and end.
-    pub fn new(engine: Arc<Engine>, stream_window: usize, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        EmbedderService { engine, stream_window: stream_window.max(1), closing, faults: None }
+    /// A service over `engine` (and `classifier` for Classify), holding at most `stream_window` messages of one
+    /// stream in flight. When `closing` turns true, open streams stop reading, finish the messages they hold, and
+    /// end.
+    pub fn new(
+        engine: Arc<Engine>,
+        classifier: Arc<Classifier>,
+        stream_window: usize,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        EmbedderService { engine, classifier, stream_window: stream_window.max(1), closing, faults: None }
     }
 
     /// The same service, failing on purpose as `--inject-faults` plans (tests only).
@@ -244,6 +252,10 @@ impl Embedder for EmbedderService {
         })
         .await
     }
+
+    async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<Response<pb::ClassifyResponse>, Status> {
+        guarded("Classify", self.classify_unary(request)).await
+    }
 }
 
 impl EmbedderService {
@@ -257,6 +269,30 @@ impl EmbedderService {
         let embeddings = results.into_iter().map(|r| r.map(to_embedding)).collect::<Result<_, _>>()?;
         Ok(Response::new(pb::EmbedResponse { embeddings }))
     }
+}
+
+impl EmbedderService {
+    async fn classify_unary(
+        &self,
+        request: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        let size = prost::Message::encoded_len(&request);
+        let budget = self.engine.budget().acquire(size, Admission::Reject, deadline).await?;
+        let pb::ClassifyRequest { images, labels, template } = request;
+        let images = images.into_iter().map(to_item).collect();
+        let options = ClassifyOptions { deadline, budget, item_label };
+        let answers = self.classifier.classify(images, &labels, template.as_deref(), options).await?;
+        Ok(Response::new(pb::ClassifyResponse {
+            classifications: answers.into_iter().map(to_classification).collect(),
+            scale: self.classifier.scale() as f32,
+        }))
+    }
+}
+
+fn to_classification(c: Classification) -> pb::Classification {
+    pb::Classification { id: c.id, probs: c.probs, scores: c.scores }
 }
 
 type Inbound = (Streaming<pb::EmbedRequest>, Arc<Engine>);

@@ -46,6 +46,32 @@ impl From<ItemOutput> for ScoreRow {
     }
 }
 
+/// One row of the zero-shot answer (`--azure-task zero-shot-image-classification`): the probability of each label,
+/// and the labels, in the order the first row's text gave them.
+#[derive(Debug, Serialize)]
+pub struct ZeroShotRow {
+    pub probs: Vec<f32>,
+    pub labels: Labels,
+}
+
+/// The labels of a zero-shot answer, shared by its rows.
+#[derive(Debug, Clone)]
+pub struct Labels(pub std::sync::Arc<[String]>);
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.as_ref().serialize(serializer)
+    }
+}
+
+/// One row of the answer of either flavour.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum AnswerRow {
+    Embeddings(ScoreRow),
+    ZeroShot(ZeroShotRow),
+}
+
 /// Limits checked while a body is parsed (413 past them).
 #[derive(Debug, Clone, Copy)]
 pub struct ParseLimits {
@@ -71,11 +97,31 @@ fn text_too_long(row: usize, chars: usize, max: usize) -> Error {
 /// Parses a `/score` or `/invocations` body; `frame_keys` are the accepted names of the data frame object, the
 /// first present one wins.
 pub fn parse(body: &[u8], frame_keys: &[&str], limits: ParseLimits) -> Result<ScoreRequest, Error> {
+    parse_rows(body, frame_keys, limits, RowWidth::Exact)
+}
+
+/// How many values a row may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowWidth {
+    /// One per column.
+    Exact,
+    /// At most one per column, the missing ones at the end counting as null: pandas' reading of a split frame, on
+    /// which the Azure zero-shot endpoint's own sample request relies (`[image]` rows under `["image", "text"]`).
+    AtMost,
+}
+
+/// [`parse`], with rows of the given width.
+pub fn parse_rows(
+    body: &[u8],
+    frame_keys: &[&str],
+    limits: ParseLimits,
+    rows: RowWidth,
+) -> Result<ScoreRequest, Error> {
     let ctx = Ctx { keys: frame_keys, limits, stop: RefCell::new(None) };
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = BodySeed(&ctx).deserialize(&mut de).and_then(|top| de.end().map(|()| top));
     match parsed {
-        Ok(top) => finish(top, frame_keys, limits),
+        Ok(top) => finish(top, frame_keys, limits, rows),
         Err(e) => Err(ctx.stop.take().unwrap_or_else(|| bad(format!("malformed JSON: {e}")))),
     }
 }
@@ -566,7 +612,7 @@ fn id_of(raw: &RawValue) -> String {
 }
 
 /// The request, with the first problem found in the order: body, frame, params, columns, data, index, rows.
-fn finish(top: Top, keys: &[&str], limits: ParseLimits) -> Result<ScoreRequest, Error> {
+fn finish(top: Top, keys: &[&str], limits: ParseLimits, row_width: RowWidth) -> Result<ScoreRequest, Error> {
     let Top::Object { frame, params } = top else {
         return Err(bad("the request body must be a JSON object"));
     };
@@ -616,7 +662,7 @@ fn finish(top: Top, keys: &[&str], limits: ParseLimits) -> Result<ScoreRequest, 
         let Row::Cells(len, mut cells) = row else {
             return Err(bad(format!("row {r}: must be a list of values")));
         };
-        if len != width {
+        if len > width || (len < width && row_width == RowWidth::Exact) {
             return Err(bad(format!("row {r}: has {len} values for {width} columns")));
         }
         let mut cell = |col: Option<usize>, name: &str| -> Result<Option<String>, Error> {
@@ -754,6 +800,22 @@ mod tests {
         );
         assert!(err(&deep).starts_with("row 0: the text value"));
         assert!(err(&format!("{}{}", "[".repeat(100), "]".repeat(99))).contains("malformed JSON"));
+    }
+
+    #[test]
+    fn short_rows_are_read_as_nulls_only_when_allowed() {
+        // The Azure zero-shot endpoint's sample: labels in the first row, later rows with the image alone.
+        let body = br#"{"input_data":{"columns":["image","text"],"index":[0,1],"data":[["aGk=","a, b"],["aGk="]]}}"#;
+        assert!(err(std::str::from_utf8(body).unwrap()).contains("row 1: has 1 values for 2 columns"));
+        let r = parse_rows(body, KEYS, ParseLimits::NONE, RowWidth::AtMost).unwrap();
+        assert_eq!(r.items[0].text.as_deref(), Some("a, b"));
+        assert!(r.items[1].image.is_some() && r.items[1].text.is_none());
+        let empty = br#"{"input_data":{"columns":["image","text"],"data":[[]]}}"#;
+        let r = parse_rows(empty, KEYS, ParseLimits::NONE, RowWidth::AtMost).unwrap();
+        assert!(r.items[0].image.is_none() && r.items[0].text.is_none());
+        let long = br#"{"input_data":{"columns":["image","text"],"data":[["aGk=","a","b"]]}}"#;
+        let e = parse_rows(long, KEYS, ParseLimits::NONE, RowWidth::AtMost).unwrap_err();
+        assert_eq!(e.message(), "row 0: has 3 values for 2 columns");
     }
 
     fn limited(body: &[u8], max_items: usize, max_text_chars: usize) -> Result<ScoreRequest, Error> {

@@ -1,5 +1,6 @@
-//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests on the same batching path as gRPC,
-//! liveness, readiness and Prometheus metrics.
+//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests on the same batching path as gRPC
+//! (answered as the embeddings or the zero-shot classification endpoint, `--azure-task`), liveness, readiness and
+//! Prometheus metrics.
 
 pub mod azure;
 pub mod listener;
@@ -18,13 +19,19 @@ use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::batching::BudgetPermit;
+use crate::config::AzureTask;
 use crate::engine::{Admission, EmbedOptions, Engine};
 use crate::error::{Error, Reason};
+use crate::zeroshot::{Classifier, ClassifyOptions};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     pub engine: Arc<Engine>,
+    /// Zero-shot classification, for the `zero-shot-image-classification` flavour.
+    pub classifier: Arc<Classifier>,
+    /// What `/score` and `/invocations` answer.
+    pub azure_task: AzureTask,
     pub metrics: PrometheusHandle,
     /// Largest request body accepted (413 past it).
     pub max_request_bytes: usize,
@@ -98,27 +105,66 @@ async fn run_frame(
     state: &HttpState,
     request: Request,
     frame_keys: &'static [&'static str],
-) -> Result<Vec<azure::ScoreRow>, Response> {
+) -> Result<Vec<azure::AnswerRow>, Response> {
     let (body, budget) = read_body(state, request).await?;
     let limits = azure::ParseLimits {
         max_items: state.engine.limits().max_items_per_request,
         max_text_chars: state.max_text_chars,
     };
-    let request = parse_body(body, frame_keys, limits).await.map_err(IntoResponse::into_response)?;
-    let options = EmbedOptions {
-        normalize: request.normalize,
-        deadline: None,
-        admission: Admission::Reject,
-        fail_fast: true,
-        budget,
-        item_label: |row, _| format!("row {row}"),
+    // The zero-shot endpoint's own sample request leaves the text out of the rows after the first.
+    let rows = match state.azure_task {
+        AzureTask::Embeddings => azure::RowWidth::Exact,
+        AzureTask::ZeroShotImageClassification => azure::RowWidth::AtMost,
     };
-    let results = state.engine.embed(request.items, options).await.map_err(IntoResponse::into_response)?;
-    results
-        .into_iter()
-        .map(|r| r.map(azure::ScoreRow::from))
-        .collect::<Result<_, _>>()
-        .map_err(IntoResponse::into_response)
+    let request = parse_body(body, frame_keys, limits, rows).await.map_err(IntoResponse::into_response)?;
+    answer_rows(state, request, budget).await.map_err(IntoResponse::into_response)
+}
+
+/// The answer's rows for a parsed request, one per row in row order, as the configured flavour answers them.
+pub async fn answer_rows(
+    state: &HttpState,
+    request: azure::ScoreRequest,
+    budget: BudgetPermit,
+) -> Result<Vec<azure::AnswerRow>, Error> {
+    let item_label = |row: usize, _: &str| format!("row {row}");
+    match state.azure_task {
+        AzureTask::Embeddings => {
+            let options = EmbedOptions {
+                normalize: request.normalize,
+                deadline: None,
+                admission: Admission::Reject,
+                fail_fast: true,
+                budget,
+                item_label,
+            };
+            let results = state.engine.embed(request.items, options).await?;
+            results.into_iter().map(|r| r.map(|o| azure::AnswerRow::Embeddings(o.into()))).collect()
+        }
+        AzureTask::ZeroShotImageClassification => {
+            let mut items = request.items;
+            // The labels are the first row's text, comma-separated; the other rows' texts are not used.
+            let labels = match items.first() {
+                None => return Err(Error::new(Reason::InvalidLabels, "the request has no rows, so no labels")),
+                Some(first) => crate::zeroshot::azure_labels(first.text.as_deref().unwrap_or("")),
+            };
+            if labels.is_empty() {
+                return Err(Error::new(
+                    Reason::InvalidLabels,
+                    "row 0: the text column of the first row must hold the comma-separated labels; it holds none",
+                ));
+            }
+            for item in &mut items {
+                item.text = None;
+            }
+            let options = ClassifyOptions { deadline: None, budget, item_label };
+            let answers = state.classifier.classify(items, &labels, None, options).await?;
+            let labels = azure::Labels(labels.into());
+            Ok(answers
+                .into_iter()
+                .map(|a| azure::AnswerRow::ZeroShot(azure::ZeroShotRow { probs: a.probs, labels: labels.clone() }))
+                .collect())
+        }
+    }
 }
 
 /// The smallest step by which a body of unknown length is charged to the memory budget.
@@ -197,9 +243,11 @@ async fn parse_body(
     body: Vec<u8>,
     frame_keys: &'static [&'static str],
     limits: azure::ParseLimits,
+    rows: azure::RowWidth,
 ) -> Result<azure::ScoreRequest, Error> {
     let inline = body.len() <= PARSE_INLINE_BYTES;
-    let parse = move || crate::prepare::guard("http", "a request body", || azure::parse(&body, frame_keys, limits));
+    let parse =
+        move || crate::prepare::guard("http", "a request body", || azure::parse_rows(&body, frame_keys, limits, rows));
     if inline {
         return parse();
     }

@@ -20,6 +20,10 @@ pub struct Manifest {
     pub dtype: String,
     #[serde(default = "default_pad")]
     pub pad_token_id: i64,
+    /// The checkpoint's `CLIPModel.logit_scale` (natural log): zero-shot logits are `exp(logit_scale) x cosine`.
+    /// Absent from model directories exported before zero-shot classification was served.
+    #[serde(default)]
+    pub logit_scale: Option<f64>,
 }
 
 fn default_pad() -> i64 {
@@ -36,6 +40,13 @@ impl Manifest {
         anyhow::ensure!(m.image_size > 0, "{}: image_size must be positive", path.display());
         anyhow::ensure!(m.context_length >= 2, "{}: context_length must be at least 2", path.display());
         anyhow::ensure!(m.image_std.iter().all(|s| *s > 0.0), "{}: image_std must be positive", path.display());
+        if let Some(scale) = m.logit_scale {
+            anyhow::ensure!(
+                scale.is_finite() && scale.exp().is_finite(),
+                "{}: logit_scale must be a finite number whose exponential is finite",
+                path.display()
+            );
+        }
         Ok(m)
     }
 
