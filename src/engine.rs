@@ -1,7 +1,6 @@
 //! The request path shared by every transport: validation, admission, CPU preprocessing, queueing, and the
 //! assembly of each item's embeddings in request order.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,8 +11,8 @@ use crate::error::{Error, Reason};
 use crate::inputs::fetch::UrlFetcher;
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
-use crate::model::WorkerHealth;
 use crate::prepare::{PrepareContext, Preparer, RequestWork, Unit, UnitInput};
+use crate::state::ServerState;
 
 /// Where an item's image comes from.
 #[derive(Debug, Clone)]
@@ -99,8 +98,8 @@ pub struct EngineParts {
     /// Threads of the CPU pool; 0 means one per core.
     pub cpu_threads: usize,
     pub info: ModelInfo,
-    /// The model workers' health, for readiness.
-    pub workers: Arc<WorkerHealth>,
+    /// The server's state (loaded, draining, model workers able to run), for readiness.
+    pub state: Arc<ServerState>,
     /// Testing only: tokenizing exactly this text panics.
     pub inject_panic_on_text: Option<String>,
 }
@@ -112,9 +111,7 @@ pub struct Engine {
     budget: Arc<MemoryBudget>,
     fetcher: Arc<UrlFetcher>,
     limits: Limits,
-    ready: AtomicBool,
-    draining: AtomicBool,
-    workers: Arc<WorkerHealth>,
+    state: Arc<ServerState>,
     info: ModelInfo,
 }
 
@@ -137,17 +134,8 @@ struct UrlJob {
 impl Engine {
     /// An engine feeding the batcher of `parts`.
     pub fn new(parts: EngineParts) -> anyhow::Result<Self> {
-        let EngineParts {
-            batcher,
-            images,
-            tokenizer,
-            fetcher,
-            limits,
-            cpu_threads,
-            info,
-            workers,
-            inject_panic_on_text,
-        } = parts;
+        let EngineParts { batcher, images, tokenizer, fetcher, limits, cpu_threads, info, state, inject_panic_on_text } =
+            parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
         let preparer =
             Preparer::start(cpu_threads, PrepareContext { images, tokenizer, batcher, inject_panic_on_text })?;
@@ -157,9 +145,7 @@ impl Engine {
             budget: Arc::new(MemoryBudget::new(limits.memory_budget_bytes)),
             fetcher: Arc::new(fetcher),
             limits,
-            ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            workers,
+            state,
             info,
         })
     }
@@ -179,30 +165,24 @@ impl Engine {
         &self.limits
     }
 
-    /// Marks the model loaded and warmed up.
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::SeqCst);
+    /// The server's state: loaded, draining, model workers able to run.
+    pub fn state(&self) -> &ServerState {
+        &self.state
     }
 
-    /// True once the model is loaded and warmed up, while at least one model worker is able to run batches, until
-    /// draining starts.
+    /// True while new work is accepted (see [`crate::state::Status::is_ready`]).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.is_draining() && self.workers.healthy() > 0
-    }
-
-    /// True once graceful shutdown has begun.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Refuses new work from now on (graceful shutdown); work already admitted completes.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.state.is_ready()
     }
 
     /// Inputs admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.admission.in_flight()
+    }
+
+    /// Resolves once no admitted input is left unfinished (graceful shutdown waits for it).
+    pub async fn until_idle(&self) {
+        self.admission.until_empty().await
     }
 
     /// Stops the preparation threads (after shutdown).
@@ -218,14 +198,8 @@ impl Engine {
         options: EmbedOptions,
     ) -> Result<Vec<Result<ItemOutput, Error>>, Error> {
         let EmbedOptions { normalize, deadline, admission, fail_fast, budget, item_label } = options;
-        if !self.is_ready() {
-            return Err(if self.is_draining() {
-                Error::new(Reason::ShuttingDown, "server is shutting down")
-            } else if self.ready.load(Ordering::SeqCst) {
-                Error::new(Reason::NoModelWorker, "no model worker is available right now")
-            } else {
-                Error::new(Reason::NotReady, "model is not loaded yet")
-            });
+        if let Some(refused) = self.state.status().refusal() {
+            return Err(refused);
         }
         if items.len() > self.limits.max_items_per_request {
             return Err(Error::new(

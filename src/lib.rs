@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod prepare;
 pub mod server;
+pub mod state;
 pub mod zeroshot;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.

@@ -12,4 +12,4 @@ pub mod worker;
 pub use backend::{Backend, TorchBackend};
 pub use manifest::Manifest;
 pub use pool::{ModelPool, PoolConfig};
-pub use worker::{run_worker, BackendFactory, WorkerHealth};
+pub use worker::{run_worker, BackendFactory};

@@ -9,9 +9,10 @@ use anyhow::Context;
 use tch::Device;
 
 use super::backend::{runs_half, warm_up, Backend, FaultyBackend, TorchBackend};
-use super::worker::{run_worker, BackendFactory, WorkerHealth};
+use super::worker::{run_worker, BackendFactory};
 use super::{device, faults, Manifest};
 use crate::batching::Batcher;
+use crate::state::ServerState;
 
 /// Where and how the model runs.
 #[derive(Debug, Clone)]
@@ -52,7 +53,7 @@ impl ModelPool {
         config: &PoolConfig,
         manifest: &Manifest,
         batcher: Arc<Batcher>,
-        health: Arc<WorkerHealth>,
+        health: Arc<ServerState>,
     ) -> anyhow::Result<ModelPool> {
         anyhow::ensure!(config.workers_per_device > 0, "--workers-per-device must be at least 1");
         if config.torch_threads > 0 {

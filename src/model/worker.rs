@@ -2,11 +2,11 @@
 //! a CUDA out-of-memory failure is retried in halves, a panic replaces the backend.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::batching::{Batch, Batcher, ImageInput, Job, TextInput};
 use crate::error::{Error, Reason};
 use crate::metrics as m;
+use crate::state::ServerState;
 
 use super::backend::Backend;
 
@@ -86,19 +86,6 @@ fn run_batch(batch: Batch, backend: &mut dyn Backend, sick: &dyn Fn()) -> bool {
     }
 }
 
-/// Workers able to run batches, shared with the health reporting.
-#[derive(Debug, Default)]
-pub struct WorkerHealth {
-    healthy: AtomicUsize,
-}
-
-impl WorkerHealth {
-    /// Model workers currently able to run batches.
-    pub fn healthy(&self) -> usize {
-        self.healthy.load(Ordering::SeqCst)
-    }
-}
-
 /// How a worker gets a fresh backend after a panic.
 pub type BackendFactory = Box<dyn FnMut() -> anyhow::Result<Box<dyn Backend>> + Send>;
 
@@ -108,18 +95,13 @@ const RELOAD_ATTEMPTS: u32 = 3;
 /// The worker loop: takes batches until the batcher is closed and drained. After a panic the backend is
 /// replaced (the worker counts as unhealthy meanwhile); if it cannot be replaced, the worker keeps answering
 /// its batches with INTERNAL so that nothing queued waits forever.
-pub fn run_worker(
-    batcher: &Batcher,
-    mut backend: Box<dyn Backend>,
-    mut factory: BackendFactory,
-    health: &WorkerHealth,
-) {
-    health.healthy.fetch_add(1, Ordering::SeqCst);
+pub fn run_worker(batcher: &Batcher, mut backend: Box<dyn Backend>, mut factory: BackendFactory, health: &ServerState) {
+    health.worker_up();
     // Unhealthy from the moment a panic is caught (before its callers are answered) until the backend is replaced.
     let sick = Cell::new(false);
     let mark_sick = || {
         if !sick.replace(true) {
-            health.healthy.fetch_sub(1, Ordering::SeqCst);
+            health.worker_down();
         }
     };
     while let Some(batch) = batcher.next_batch() {
@@ -144,7 +126,7 @@ pub fn run_worker(
             Some(b) => {
                 backend = b;
                 sick.set(false);
-                health.healthy.fetch_add(1, Ordering::SeqCst);
+                health.worker_up();
                 tracing::info!("model worker replaced its model instance");
             }
             None => {
@@ -154,7 +136,7 @@ pub fn run_worker(
             }
         }
     }
-    health.healthy.fetch_sub(1, Ordering::SeqCst);
+    health.worker_down();
 }
 
 /// Answers every batch INTERNAL until the batcher closes.
@@ -173,6 +155,7 @@ mod tests {
     use super::*;
     use crate::batching::{BatcherConfig, ImageInput, TextInput};
     use crate::error::Kind as ErrorKind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
     use tokio::sync::oneshot;
@@ -215,7 +198,7 @@ mod tests {
 
     /// Runs a worker over everything queued (the batcher must be closed), counting backend replacements.
     fn work(b: &Batcher, max_texts: usize, reloads_fail: bool) -> (usize, usize) {
-        let health = WorkerHealth::default();
+        let health = ServerState::default();
         let made = Arc::new(AtomicUsize::new(0));
         let counter = made.clone();
         let factory: BackendFactory = Box::new(move || {
@@ -224,7 +207,7 @@ mod tests {
             Ok(Box::new(Mock { max_texts }) as Box<dyn Backend>)
         });
         run_worker(b, Box::new(Mock { max_texts }), factory, &health);
-        (made.load(Ordering::SeqCst), health.healthy())
+        (made.load(Ordering::SeqCst), health.healthy_workers())
     }
 
     #[test]
@@ -264,7 +247,7 @@ mod tests {
     fn a_worker_is_unhealthy_before_the_callers_of_its_panicking_batch_hear_of_it() {
         let b = batcher(1);
         let panicking = send_text(&b, vec![999]);
-        let health = Arc::new(WorkerHealth::default());
+        let health = Arc::new(ServerState::default());
         let worker = {
             let (b, health) = (b.clone(), health.clone());
             std::thread::spawn(move || {
@@ -277,13 +260,13 @@ mod tests {
             })
         };
         assert!(panicking.blocking_recv().unwrap().is_err());
-        assert_eq!(health.healthy(), 0, "the failure was answered while the worker still counted as healthy");
+        assert_eq!(health.healthy_workers(), 0, "the failure was answered while the worker still counted as healthy");
         let later = send_text(&b, vec![5]);
         assert_eq!(later.blocking_recv().unwrap().unwrap(), vec![5.0, 1.0]);
-        assert_eq!(health.healthy(), 1, "healthy again once replaced");
+        assert_eq!(health.healthy_workers(), 1, "healthy again once replaced");
         b.close();
         worker.join().unwrap();
-        assert_eq!(health.healthy(), 0);
+        assert_eq!(health.healthy_workers(), 0);
     }
 
     #[test]
