@@ -15,11 +15,11 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod inputs;
-pub mod metrics;
 pub mod model;
 pub mod prepare;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 pub mod zeroshot;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.

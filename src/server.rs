@@ -21,12 +21,12 @@ use crate::grpc::EmbedderService;
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
-use crate::metrics::layer::RequestMetricsLayer;
 use crate::model::faults::Faults;
 use crate::model::{device, Manifest, ModelPool, PoolConfig};
 use crate::pb;
 use crate::pb::embedder_server::EmbedderServer;
 use crate::state::{ServerState, Status};
+use crate::telemetry::layer::RequestMetricsLayer;
 use crate::zeroshot::Classifier;
 
 /// The gRPC service whose health `grpc.health.v1` reports.
@@ -263,7 +263,7 @@ async fn serve(args: ServeArgs, parts: Parts) -> anyhow::Result<()> {
     parts.state.start_draining();
     reporter.abort();
     health.set_not_serving::<Embedder>().await;
-    metrics::gauge!(crate::metrics::READY).set(0.0);
+    metrics::gauge!(crate::telemetry::READY).set(0.0);
     let _ = tokio::time::timeout_at(deadline, parts.engine.until_idle()).await;
     stop_servers(&shutdown, &mut grpc_server, &mut http_server, deadline, &parts.engine).await;
     parts.batcher.close();
@@ -277,16 +277,16 @@ async fn serve(args: ServeArgs, parts: Parts) -> anyhow::Result<()> {
 /// Installs the Prometheus recorder; the gauges and counters an autoscaler or dashboard reads exist from the start
 /// (queue depth before the first request).
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    let metrics = crate::metrics::install()?;
-    metrics::gauge!(crate::metrics::READY).set(0.0);
-    metrics::gauge!(crate::metrics::ADMITTED_ITEMS).set(0.0);
+    let metrics = crate::telemetry::install()?;
+    metrics::gauge!(crate::telemetry::READY).set(0.0);
+    metrics::gauge!(crate::telemetry::ADMITTED_ITEMS).set(0.0);
     for modality in ["image", "text"] {
-        metrics::gauge!(crate::metrics::QUEUE_DEPTH, "modality" => modality).set(0.0);
+        metrics::gauge!(crate::telemetry::QUEUE_DEPTH, "modality" => modality).set(0.0);
     }
-    metrics::counter!(crate::metrics::LABEL_CACHE_HITS).absolute(0);
-    metrics::counter!(crate::metrics::LABEL_CACHE_MISSES).absolute(0);
-    metrics::gauge!(crate::metrics::LABEL_CACHE_ENTRIES).set(0.0);
-    metrics::gauge!(crate::metrics::LABEL_CACHE_BYTES).set(0.0);
+    metrics::counter!(crate::telemetry::LABEL_CACHE_HITS).absolute(0);
+    metrics::counter!(crate::telemetry::LABEL_CACHE_MISSES).absolute(0);
+    metrics::gauge!(crate::telemetry::LABEL_CACHE_ENTRIES).set(0.0);
+    metrics::gauge!(crate::telemetry::LABEL_CACHE_BYTES).set(0.0);
     Ok(metrics)
 }
 
@@ -397,7 +397,7 @@ async fn report_health(mut status: watch::Receiver<Status>, health: tonic_health
             } else {
                 health.set_not_serving::<Embedder>().await;
             }
-            metrics::gauge!(crate::metrics::READY).set(if serving { 1.0 } else { 0.0 });
+            metrics::gauge!(crate::telemetry::READY).set(if serving { 1.0 } else { 0.0 });
             last = Some(serving);
         }
         if status.changed().await.is_err() {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Reason};
-use crate::metrics as m;
+use crate::telemetry;
 
 /// What to do when there is no room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub struct Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         drop(self.permit.take());
-        metrics::gauge!(m::ADMITTED_ITEMS).decrement(1.0);
+        metrics::gauge!(telemetry::ADMITTED_ITEMS).decrement(1.0);
         if self.shared.in_flight() == 0 {
             self.shared.emptied.notify_waiters();
         }
@@ -118,7 +118,7 @@ impl AdmissionControl {
                 .await
                 .map_err(|_| Error::new(Reason::ShuttingDown, "server is shutting down"))?,
         };
-        metrics::gauge!(m::ADMITTED_ITEMS).increment(n as f64);
+        metrics::gauge!(telemetry::ADMITTED_ITEMS).increment(n as f64);
         let mut tickets = Vec::with_capacity(n);
         for _ in 1..n {
             let one = permit.split(1).expect("a permit of n > 1 splits");
@@ -161,7 +161,7 @@ impl BudgetPermit {
 impl Drop for BudgetPermit {
     fn drop(&mut self) {
         if self.kib > 0 {
-            metrics::gauge!(m::BUDGET_BYTES).decrement(self.kib as f64 * 1024.0);
+            metrics::gauge!(telemetry::BUDGET_BYTES).decrement(self.kib as f64 * 1024.0);
         }
     }
 }
@@ -223,7 +223,7 @@ impl MemoryBudget {
                 permit.map_err(|_| Error::new(Reason::ShuttingDown, "server is shutting down"))?
             }
         };
-        metrics::gauge!(m::BUDGET_BYTES).increment(kib as f64 * 1024.0);
+        metrics::gauge!(telemetry::BUDGET_BYTES).increment(kib as f64 * 1024.0);
         Ok(BudgetPermit { _permit: Some(permit), kib })
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Reason};
-use crate::metrics as m;
+use crate::telemetry;
 
 pub use admission::{Admission, AdmissionControl, BudgetPermit, MemoryBudget, Ticket};
 
@@ -177,22 +177,22 @@ fn take<T>(queue: &mut VecDeque<Job<T>>, max: usize, stats: &mut BatcherStats, m
         popped += 1;
         match fate(&job, now) {
             Fate::Run => {
-                metrics::histogram!(m::QUEUE_DURATION, "modality" => modality.as_str())
+                metrics::histogram!(telemetry::QUEUE_DURATION, "modality" => modality.as_str())
                     .record(now.duration_since(job.enqueued_at).as_secs_f64());
                 batch.push(job);
             }
             Fate::Cancelled => {
                 stats.dropped_cancelled += 1;
-                metrics::counter!(m::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
+                metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
             }
             Fate::Expired => {
                 stats.dropped_deadline += 1;
-                metrics::counter!(m::DROPPED_ITEMS, "reason" => "deadline").increment(1);
+                metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "deadline").increment(1);
                 let _ = job.reply.send(Err(Error::new(Reason::DeadlineExceeded, "deadline passed while queued")));
             }
         }
     }
-    metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).decrement(popped as f64);
+    metrics::gauge!(telemetry::QUEUE_DEPTH, "modality" => modality.as_str()).decrement(popped as f64);
     batch
 }
 
@@ -245,7 +245,7 @@ impl Batcher {
             j
         }));
         drop(q);
-        metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).increment(n as f64);
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "modality" => modality.as_str()).increment(n as f64);
         // Not notify_one: the worker woken could be one holding the other modality open, which would go back to
         // waiting while an idle worker sleeps on.
         self.work.notify_all();
@@ -322,7 +322,7 @@ impl Batcher {
             if batch.is_empty() {
                 continue; // everything taken was stale; look again
             }
-            metrics::histogram!(m::BATCH_SIZE, "modality" => modality.as_str()).record(batch.len() as f64);
+            metrics::histogram!(telemetry::BATCH_SIZE, "modality" => modality.as_str()).record(batch.len() as f64);
             stats.batches += 1;
             stats.largest_batch = stats.largest_batch.max(batch.len());
             return Some(batch);

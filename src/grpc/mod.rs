@@ -13,11 +13,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Admission, EmbedOptions, Engine, ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
-use crate::metrics as m;
-use crate::metrics::layer::CallStart;
 use crate::model::faults::Faults;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
+use crate::telemetry;
+use crate::telemetry::layer::CallStart;
 use crate::zeroshot::{Classification, Classifier, ClassifyOptions};
 
 /// The `clipserve.v1.Embedder` service.
@@ -204,7 +204,7 @@ impl Embedder for EmbedderService {
                     let engine = engine.clone();
                     async move {
                         let message = message?;
-                        metrics::counter!(m::STREAM_MESSAGES).increment(1);
+                        metrics::counter!(telemetry::STREAM_MESSAGES).increment(1);
                         // The message's bytes are held against the budget until its inputs are prepared.
                         let size = prost::Message::encoded_len(&message);
                         let budget = engine.budget().acquire(size, Admission::Wait, deadline).await;

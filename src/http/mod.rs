@@ -55,7 +55,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/", get(live))
         .route("/health", get(live))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(prometheus_metrics))
         .merge(scoring)
         .with_state(state)
         .layer(tower::layer::layer_fn(panic::CatchPanic))
@@ -271,6 +271,6 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     (code, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+async fn prometheus_metrics(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

@@ -5,8 +5,8 @@ use std::cell::Cell;
 
 use crate::batching::{Batch, Batcher, ImageInput, Job, TextInput};
 use crate::error::{Error, Reason};
-use crate::metrics as m;
 use crate::state::ServerState;
+use crate::telemetry;
 
 use super::backend::Backend;
 
@@ -28,10 +28,10 @@ where
     let start = std::time::Instant::now();
     let n = jobs.len();
     let outcome = crate::prepare::guard("model", format_args!("a batch of {n} {modality}s"), || Ok(forward(&jobs)));
-    metrics::histogram!(m::INFERENCE_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(telemetry::INFERENCE_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
     let (message, panicked) = match outcome {
         Ok(Ok(vectors)) if vectors.len() == jobs.len() => {
-            metrics::counter!(m::MODEL_ITEMS, "modality" => modality).increment(jobs.len() as u64);
+            metrics::counter!(telemetry::MODEL_ITEMS, "modality" => modality).increment(jobs.len() as u64);
             for (job, v) in jobs.into_iter().zip(vectors) {
                 let _ = job.reply.send(Ok(v));
             }
@@ -55,7 +55,7 @@ where
     } else {
         tracing::error!(batch = jobs.len(), "{message}");
     }
-    metrics::counter!(m::MODEL_FAILURES, "modality" => modality).increment(1);
+    metrics::counter!(telemetry::MODEL_FAILURES, "modality" => modality).increment(1);
     for job in jobs {
         let _ = job.reply.send(Err(Error::new(Reason::ModelFailure, message.clone())));
     }
