@@ -115,12 +115,13 @@ pub struct Engine {
     info: ModelInfo,
 }
 
-type Pending = oneshot::Receiver<Result<Vec<f32>, Error>>;
+/// Where one submitted job's embedding (or its error) arrives.
+type JobReceiver = oneshot::Receiver<Result<Vec<f32>, Error>>;
 
 /// The receivers of one item's jobs, or its validation error.
 enum ItemWork {
     Failed(Error),
-    Pending { image: Option<Pending>, text: Option<Pending> },
+    Submitted { image: Option<JobReceiver>, text: Option<JobReceiver> },
 }
 
 /// An image URL of a request, waiting to be fetched.
@@ -291,7 +292,7 @@ impl Engine {
                 };
                 let image = item.image.map(|source| unit(UnitInput::Image(source)));
                 let text = item.text.map(|text| unit(UnitInput::Text(text)));
-                ItemWork::Pending { image, text }
+                ItemWork::Submitted { image, text }
             })
             .collect();
         request.expect(urls.len());
@@ -370,7 +371,7 @@ async fn gather(
             let label = fail_fast.map(|name| name(index, &id));
             let result = match w {
                 ItemWork::Failed(e) => Err(e),
-                ItemWork::Pending { image, text } => {
+                ItemWork::Submitted { image, text } => {
                     let image = async {
                         match image {
                             Some(rx) => Some(await_job(rx).await),
@@ -406,7 +407,7 @@ async fn gather(
     Ok(out.into_iter().map(|r| r.expect("every item answered")).collect())
 }
 
-async fn await_job(rx: Pending) -> Result<Vec<f32>, Error> {
+async fn await_job(rx: JobReceiver) -> Result<Vec<f32>, Error> {
     rx.await.unwrap_or_else(|_| Err(Error::new(Reason::ModelFailure, "the item was dropped before it was embedded")))
 }
 
