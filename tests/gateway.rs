@@ -109,6 +109,7 @@ async fn the_seed_samples_return_the_documented_shape_and_the_grpc_numbers() {
         "data": [["sample text 1", format!("data:image/jpeg;base64,{e1}")]]}});
     let (status, mlflow) = post(&server, "/invocations", &body).await;
     assert_eq!(status, 200, "{mlflow}");
+    let mlflow = &mlflow["predictions"];
     assert_close(&floats(&mlflow[0]["image_features"]), &grpc[0].image_features, "invocations image");
     assert_close(&floats(&mlflow[0]["text_features"]), &grpc[0].text_features, "invocations text");
 }

@@ -1,4 +1,5 @@
-//! The Azure ML `input_data` request (`POST /score`) and MLflow's `dataframe_split` (`POST /invocations`).
+//! The Azure ML `input_data` request (`POST /score`), and the data frame in pandas' split orientation that it shares
+//! with MLflow's `dataframe_split` (the other MLflow forms are in [`super::mlflow`], built on the visitors here).
 //!
 //! ```json
 //! {"input_data": {"columns": ["image", "text"], "index": [0, 1], "data": [["<url or base64>", "a caption"], ...]},
@@ -86,16 +87,20 @@ impl ParseLimits {
     pub const NONE: ParseLimits = ParseLimits { max_items: usize::MAX, max_text_chars: usize::MAX };
 }
 
-fn bad(msg: impl Into<String>) -> Error {
+pub(super) fn bad(msg: impl Into<String>) -> Error {
     Error::new(Reason::MalformedRequest, msg)
 }
 
-fn text_too_long(row: usize, chars: usize, max: usize) -> Error {
+pub(super) fn too_many_items(max: usize) -> Error {
+    Error::new(Reason::TooManyItems, format!("request exceeds the limit of {max} items per request"))
+}
+
+pub(super) fn text_too_long(row: usize, chars: usize, max: usize) -> Error {
     Error::new(Reason::TextTooLong, format!("row {row}: text: text of {chars} characters exceeds the limit of {max}"))
 }
 
-/// Parses a `/score` or `/invocations` body; `frame_keys` are the accepted names of the data frame object, the
-/// first present one wins.
+/// Parses a `/score` body; `frame_keys` are the accepted names of the data frame object, the first present one
+/// wins.
 pub fn parse(body: &[u8], frame_keys: &[&str], limits: ParseLimits) -> Result<ScoreRequest, Error> {
     parse_rows(body, frame_keys, limits, RowWidth::Exact)
 }
@@ -117,28 +122,38 @@ pub fn parse_rows(
     limits: ParseLimits,
     rows: RowWidth,
 ) -> Result<ScoreRequest, Error> {
-    let ctx = Ctx { keys: frame_keys, limits, stop: RefCell::new(None) };
+    let ctx = Ctx::new(frame_keys, limits);
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = BodySeed(&ctx).deserialize(&mut de).and_then(|top| de.end().map(|()| top));
     match parsed {
         Ok(top) => finish(top, frame_keys, limits, rows),
-        Err(e) => Err(ctx.stop.take().unwrap_or_else(|| bad(format!("malformed JSON: {e}")))),
+        Err(e) => Err(ctx.failed(e)),
     }
 }
 
 /// What the visitors share: the limits, and the error that stopped parsing early.
-struct Ctx<'k> {
+pub(super) struct Ctx<'k> {
     keys: &'k [&'k str],
-    limits: ParseLimits,
+    pub(super) limits: ParseLimits,
     stop: RefCell<Option<Error>>,
 }
 
-impl Ctx<'_> {
+impl<'k> Ctx<'k> {
+    /// A context for a body whose frame object may have one of the names `keys`.
+    pub(super) fn new(keys: &'k [&'k str], limits: ParseLimits) -> Self {
+        Ctx { keys, limits, stop: RefCell::new(None) }
+    }
+
     /// Stops parsing: `error` is what the request is answered with.
-    fn stop<E: de::Error>(&self, error: Error) -> E {
+    pub(super) fn stop<E: de::Error>(&self, error: Error) -> E {
         let msg = error.to_string();
         *self.stop.borrow_mut() = Some(error);
         E::custom(msg)
+    }
+
+    /// The answer to a parse that failed with `e`: the error that stopped it, or malformed JSON.
+    pub(super) fn failed(&self, e: serde_json::Error) -> Error {
+        self.stop.take().unwrap_or_else(|| bad(format!("malformed JSON: {e}")))
     }
 }
 
@@ -148,13 +163,13 @@ enum Top {
     Object { frame: Option<(usize, FrameValue)>, params: Option<Params> },
 }
 
-enum FrameValue {
+pub(super) enum FrameValue {
     NotObject,
     Object(Frame),
 }
 
 #[derive(Default)]
-struct Frame {
+pub(super) struct Frame {
     columns: Option<Columns>,
     data: Option<Data>,
     index: Option<Index>,
@@ -171,7 +186,7 @@ enum Columns {
     },
 }
 
-enum ColumnProblem {
+pub(super) enum ColumnProblem {
     Unknown(String),
     Twice(String),
 }
@@ -187,8 +202,9 @@ enum Row {
     Cells(usize, [Cell; 2]),
 }
 
+/// One value of a row, as read.
 #[derive(Default)]
-enum Cell {
+pub(super) enum Cell {
     #[default]
     Absent,
     Null,
@@ -203,13 +219,13 @@ enum Index {
     List(Vec<String>, usize),
 }
 
-enum Params {
+pub(super) enum Params {
     Null,
     NotObject,
     Object(Normalize),
 }
 
-enum Normalize {
+pub(super) enum Normalize {
     Absent,
     Null,
     Bool(bool),
@@ -243,6 +259,7 @@ macro_rules! others {
         }
     };
 }
+pub(super) use others;
 
 /// The whole body.
 struct BodySeed<'c, 'k>(&'c Ctx<'k>);
@@ -310,7 +327,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
 }
 
 /// `params`: only `normalize` is read.
-struct ParamsSeed;
+pub(super) struct ParamsSeed;
 
 impl<'de> DeserializeSeed<'de> for ParamsSeed {
     type Value = Params;
@@ -348,7 +365,7 @@ impl<'de> Visitor<'de> for ParamsSeed {
 }
 
 /// The data frame object (`input_data` or `dataframe_split`).
-struct FrameSeed<'c, 'k>(&'c Ctx<'k>);
+pub(super) struct FrameSeed<'c, 'k>(pub(super) &'c Ctx<'k>);
 
 impl<'de> DeserializeSeed<'de> for FrameSeed<'_, '_> {
     type Value = FrameValue;
@@ -459,10 +476,7 @@ impl<'de> Visitor<'de> for DataSeed<'_, '_> {
         let mut rows = Vec::new();
         while let Some(row) = seq.next_element_seed(RowSeed { ctx: self.ctx, row: rows.len(), text: self.text })? {
             if rows.len() == max {
-                return Err(self.ctx.stop(Error::new(
-                    Reason::TooManyItems,
-                    format!("request exceeds the limit of {max} items per request"),
-                )));
+                return Err(self.ctx.stop(too_many_items(max)));
             }
             rows.push(row);
         }
@@ -510,11 +524,11 @@ impl<'de> Visitor<'de> for RowSeed<'_, '_> {
 }
 
 /// One value of a row.
-struct CellSeed<'c, 'k> {
-    ctx: &'c Ctx<'k>,
-    row: usize,
+pub(super) struct CellSeed<'c, 'k> {
+    pub(super) ctx: &'c Ctx<'k>,
+    pub(super) row: usize,
     /// Checked against the text limit.
-    text: bool,
+    pub(super) text: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for CellSeed<'_, '_> {
@@ -619,14 +633,30 @@ fn finish(top: Top, keys: &[&str], limits: ParseLimits, row_width: RowWidth) -> 
     let Some((k, frame)) = frame else {
         return Err(bad(format!("the request must hold {:?}", keys.join("\" or \""))));
     };
-    let normalize = match params {
-        None | Some(Params::Null) => false,
-        Some(Params::Object(Normalize::Absent | Normalize::Null)) => false,
-        Some(Params::Object(Normalize::Bool(b))) => b,
-        Some(Params::Object(Normalize::Other)) => return Err(bad("params.normalize must be true or false")),
-        Some(Params::NotObject) => return Err(bad("params must be an object")),
-    };
-    let key = keys[k];
+    let normalize = normalize_of(params)?;
+    let items = finish_frame(keys[k], frame, limits, row_width)?;
+    Ok(ScoreRequest { items, normalize })
+}
+
+/// `params.normalize`: false unless it is `true`.
+pub(super) fn normalize_of(params: Option<Params>) -> Result<bool, Error> {
+    match params {
+        None | Some(Params::Null) => Ok(false),
+        Some(Params::Object(Normalize::Absent | Normalize::Null)) => Ok(false),
+        Some(Params::Object(Normalize::Bool(b))) => Ok(b),
+        Some(Params::Object(Normalize::Other)) => Err(bad("params.normalize must be true or false")),
+        Some(Params::NotObject) => Err(bad("params must be an object")),
+    }
+}
+
+/// The items of the frame object named `key`, with the first problem found in the order: columns, data, index,
+/// rows.
+pub(super) fn finish_frame(
+    key: &str,
+    frame: FrameValue,
+    limits: ParseLimits,
+    row_width: RowWidth,
+) -> Result<Vec<ItemInput>, Error> {
     let FrameValue::Object(frame) = frame else {
         return Err(bad(format!("{key} must be an object")));
     };
@@ -665,31 +695,38 @@ fn finish(top: Top, keys: &[&str], limits: ParseLimits, row_width: RowWidth) -> 
         if len > width || (len < width && row_width == RowWidth::Exact) {
             return Err(bad(format!("row {r}: has {len} values for {width} columns")));
         }
-        let mut cell = |col: Option<usize>, name: &str| -> Result<Option<String>, Error> {
-            match col.map(|c| std::mem::take(&mut cells[c])) {
-                None | Some(Cell::Absent | Cell::Null) => Ok(None),
-                Some(Cell::Str(s)) if s.is_empty() => Ok(None),
-                Some(Cell::Str(s)) => Ok(Some(s)),
-                Some(Cell::Other) => Err(bad(format!("row {r}: the {name} value must be a string"))),
-            }
-        };
-        let image =
-            cell(image_col, "image")?
-                .map(|s| if is_http_url(&s) { ImageSource::Url(s) } else { ImageSource::Base64(s) });
-        let text = cell(text_col, "text")?;
-        if let Some(t) = &text {
-            let max = limits.max_text_chars;
-            if t.len() > max && t.chars().count() > max {
-                return Err(text_too_long(r, t.chars().count(), max));
-            }
-        }
+        let mut take = |col: Option<usize>| col.map(|c| std::mem::take(&mut cells[c])).unwrap_or_default();
+        let (image, text) = (take(image_col), take(text_col));
         let id = match ids.as_mut().and_then(Iterator::next) {
             Some(id) => id,
             None => r.to_string(),
         };
-        items.push(ItemInput { id, image, text });
+        items.push(row_item(r, id, image, text, limits)?);
     }
-    Ok(ScoreRequest { items, normalize })
+    Ok(items)
+}
+
+/// The item of row `r` from its image and text cells: an empty string or null is no input, anything but a string
+/// is refused.
+pub(super) fn row_item(r: usize, id: String, image: Cell, text: Cell, limits: ParseLimits) -> Result<ItemInput, Error> {
+    let cell = |cell: Cell, name: &str| -> Result<Option<String>, Error> {
+        match cell {
+            Cell::Absent | Cell::Null => Ok(None),
+            Cell::Str(s) if s.is_empty() => Ok(None),
+            Cell::Str(s) => Ok(Some(s)),
+            Cell::Other => Err(bad(format!("row {r}: the {name} value must be a string"))),
+        }
+    };
+    let image =
+        cell(image, "image")?.map(|s| if is_http_url(&s) { ImageSource::Url(s) } else { ImageSource::Base64(s) });
+    let text = cell(text, "text")?;
+    if let Some(t) = &text {
+        let max = limits.max_text_chars;
+        if t.len() > max && t.chars().count() > max {
+            return Err(text_too_long(r, t.chars().count(), max));
+        }
+    }
+    Ok(ItemInput { id, image, text })
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests on the same batching path as gRPC
-//! (answered as the embeddings or the zero-shot classification endpoint, `--azure-task`), liveness, readiness and
-//! Prometheus metrics.
+//! (answered as the embeddings or the zero-shot classification endpoint, `--azure-task`), liveness, readiness (and
+//! MLflow's `/ping` and `/version`) and Prometheus metrics.
 
 pub mod azure;
 pub mod listener;
+pub mod mlflow;
 mod panic;
 
 use std::sync::Arc;
@@ -47,30 +48,88 @@ pub struct HttpState {
 
 /// The routes of the HTTP listener. A panic in a handler answers that call with 500 INTERNAL_PANIC.
 pub fn router(state: HttpState) -> Router {
-    let scoring = Router::new()
+    use axum::middleware::from_fn_with_state;
+    use tower::layer::layer_fn;
+    let score = Router::new()
         .route("/score", post(score))
+        .route_layer(from_fn_with_state((state.clone(), Protocol::Azure), authorize));
+    let invocations = Router::new()
         .route("/invocations", post(invocations))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+        .route_layer(from_fn_with_state((state.clone(), Protocol::Mlflow), authorize))
+        .route_layer(layer_fn(|inner| panic::CatchPanic(inner, mlflow::error_response)));
     Router::new()
         .route("/", get(live))
         .route("/health", get(live))
         .route("/ready", get(ready))
+        .route("/ping", get(ping))
+        .route("/version", get(version))
         .route("/metrics", get(prometheus_metrics))
-        .merge(scoring)
+        .merge(score)
+        .merge(invocations)
         .with_state(state)
-        .layer(tower::layer::layer_fn(panic::CatchPanic))
+        .layer(layer_fn(|inner| panic::CatchPanic(inner, Error::into_response)))
 }
 
 /// Rejects scoring requests without the API key (when one is configured) before their body is read.
 async fn authorize(
-    State(state): State<HttpState>,
+    State((state, protocol)): State<(HttpState, Protocol)>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match state.api_key.check(header) {
         Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
+        Err(e) => protocol.fail(e.into()),
+    }
+}
+
+/// The protocol of a scoring route: how its body is read and its answers and errors are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// `/score`: the Azure ML `input_data` JSON; a bare list of rows; errors `{"error", "reason"}`.
+    Azure,
+    /// `/invocations`: MLflow's JSON forms and CSV; `{"predictions": rows}`; errors
+    /// `{"error_code", "message", "reason"}`.
+    Mlflow,
+}
+
+impl Protocol {
+    /// The answer to a call: its rows, made in one place for both protocols ([`run_frame`]), as this protocol
+    /// wraps them.
+    fn answer<R: serde::Serialize>(self, rows: Vec<R>) -> Response {
+        match self {
+            Protocol::Azure => Json(rows).into_response(),
+            Protocol::Mlflow => Json(mlflow::Predictions { predictions: rows }).into_response(),
+        }
+    }
+
+    /// The answer to a call that failed.
+    fn fail(self, failure: Failure) -> Response {
+        let mut response = match self {
+            Protocol::Azure => failure.error.into_response(),
+            Protocol::Mlflow => mlflow::error_response(failure.error),
+        };
+        if let Some(status) = failure.status {
+            *response.status_mut() = status;
+        }
+        if failure.close {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+/// A scoring call that failed: the error, the status when it is not the one of the error's kind (408, 415), and
+/// whether the connection is closed after the answer (when the body was not read to its end).
+struct Failure {
+    error: Error,
+    status: Option<StatusCode>,
+    close: bool,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure { error, status: None, close: false }
     }
 }
 
@@ -83,29 +142,43 @@ impl IntoResponse for Error {
 }
 
 const SCORE_KEYS: &[&str] = &["input_data", "dataframe_split"];
-const INVOCATIONS_KEYS: &[&str] = &["dataframe_split", "input_data"];
 
 async fn score(State(state): State<HttpState>, request: Request) -> Response {
-    embed_frame(&state, request, SCORE_KEYS).await
+    embed_frame(&state, request, Protocol::Azure).await
 }
 
 async fn invocations(State(state): State<HttpState>, request: Request) -> Response {
-    embed_frame(&state, request, INVOCATIONS_KEYS).await
+    embed_frame(&state, request, Protocol::Mlflow).await
 }
 
-async fn embed_frame(state: &HttpState, request: Request, frame_keys: &'static [&'static str]) -> Response {
+async fn embed_frame(state: &HttpState, request: Request, protocol: Protocol) -> Response {
     // Counted (clipserve_requests_total) by the request metrics layer around the router.
-    match run_frame(state, request, frame_keys).await {
-        Ok(rows) => Json(rows).into_response(),
-        Err(response) => response,
+    match run_frame(state, request, protocol).await {
+        Ok(rows) => protocol.answer(rows),
+        Err(failure) => protocol.fail(failure),
     }
 }
 
-async fn run_frame(
-    state: &HttpState,
-    request: Request,
-    frame_keys: &'static [&'static str],
-) -> Result<Vec<azure::AnswerRow>, Response> {
+/// How a scoring body is parsed.
+#[derive(Debug, Clone, Copy)]
+enum BodyKind {
+    Azure,
+    MlflowJson,
+    MlflowCsv,
+}
+
+/// Runs a scoring call: reads and parses its body, embeds its rows, and makes the answer's rows (one per row, in
+/// row order, only the keys the row asked for), whatever the protocol.
+async fn run_frame(state: &HttpState, request: Request, protocol: Protocol) -> Result<Vec<azure::AnswerRow>, Failure> {
+    let kind = match protocol {
+        Protocol::Azure => BodyKind::Azure,
+        // The body is not read when its type is refused: the connection closes after the answer.
+        Protocol::Mlflow => match mlflow::media(request.headers().get(header::CONTENT_TYPE)) {
+            Ok(mlflow::Media::Json) => BodyKind::MlflowJson,
+            Ok(mlflow::Media::Csv) => BodyKind::MlflowCsv,
+            Err(error) => return Err(Failure { error, status: Some(StatusCode::UNSUPPORTED_MEDIA_TYPE), close: true }),
+        },
+    };
     let (body, budget) = read_body(state, request).await?;
     let limits = azure::ParseLimits {
         max_items: state.engine.limits().max_items_per_request,
@@ -116,8 +189,8 @@ async fn run_frame(
         AzureTask::Embeddings => azure::RowWidth::Exact,
         AzureTask::ZeroShotImageClassification => azure::RowWidth::AtMost,
     };
-    let request = parse_body(body, frame_keys, limits, rows).await.map_err(IntoResponse::into_response)?;
-    answer_rows(state, request, budget).await.map_err(IntoResponse::into_response)
+    let request = parse_body(body, kind, limits, rows).await?;
+    Ok(answer_rows(state, request, budget).await?)
 }
 
 /// The answer's rows for a parsed request, one per row in row order, as the configured flavour answers them.
@@ -174,7 +247,7 @@ const BUDGET_STEP: usize = 64 << 10;
 /// as soon as the bytes received pass it; 408 when it takes longer than `body_timeout`. Its bytes are held against
 /// the memory budget before they are read (429 if there is no room within `budget_wait`); the permit is returned
 /// with the body, to be held until the request's inputs are prepared.
-async fn read_body(state: &HttpState, request: Request) -> Result<(Vec<u8>, BudgetPermit), Response> {
+async fn read_body(state: &HttpState, request: Request) -> Result<(Vec<u8>, BudgetPermit), Failure> {
     let max = state.max_request_bytes;
     let deadline = Instant::now() + state.body_timeout;
     let too_large =
@@ -221,18 +294,14 @@ fn bad_body(e: axum::Error) -> Error {
 }
 
 /// An error answered before the body was read to its end: the connection is closed after it.
-fn refuse(e: Error) -> Response {
-    let mut response = e.into_response();
-    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
+fn refuse(error: Error) -> Failure {
+    Failure { error, status: None, close: true }
 }
 
 /// 408 for a body that did not arrive in time.
-fn timed_out(limit: Duration) -> Response {
+fn timed_out(limit: Duration) -> Failure {
     let e = Error::new(Reason::MalformedRequest, format!("the request body did not arrive within {limit:?}"));
-    let mut response = refuse(e);
-    *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
-    response
+    Failure { status: Some(StatusCode::REQUEST_TIMEOUT), ..refuse(e) }
 }
 
 /// Bodies up to this size are parsed on the runtime; larger ones on a blocking thread.
@@ -241,13 +310,19 @@ const PARSE_INLINE_BYTES: usize = 256 << 10;
 /// Parses a body (a panic in the parser answers INTERNAL_PANIC). The body is freed once parsed.
 async fn parse_body(
     body: Vec<u8>,
-    frame_keys: &'static [&'static str],
+    kind: BodyKind,
     limits: azure::ParseLimits,
     rows: azure::RowWidth,
 ) -> Result<azure::ScoreRequest, Error> {
     let inline = body.len() <= PARSE_INLINE_BYTES;
-    let parse =
-        move || crate::prepare::guard("http", "a request body", || azure::parse_rows(&body, frame_keys, limits, rows));
+    let parse = move || {
+        let mut body = body;
+        crate::prepare::guard("http", "a request body", || match kind {
+            BodyKind::Azure => azure::parse_rows(&body, SCORE_KEYS, limits, rows),
+            BodyKind::MlflowJson => mlflow::parse_json_rows(&mut body, limits, rows),
+            BodyKind::MlflowCsv => mlflow::parse_csv(&body, limits),
+        })
+    };
     if inline {
         return parse();
     }
@@ -269,6 +344,18 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"not ready"}"#)
     };
     (code, [(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// MLflow's health check: 200 and a newline once the model is loaded and warmed up (MLflow's own server only
+/// listens once its model is loaded), 503 before and while draining.
+async fn ping(State(state): State<HttpState>) -> impl IntoResponse {
+    let code = if state.engine.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], "\n")
+}
+
+/// The server's version, as MLflow's `/version` answers its own: the bare version string.
+async fn version() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], env!("CARGO_PKG_VERSION"))
 }
 
 async fn prometheus_metrics(State(state): State<HttpState>) -> impl IntoResponse {

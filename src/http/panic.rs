@@ -9,11 +9,13 @@ use std::task::{Context, Poll};
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 
+use crate::error::Error;
 use crate::prepare::guard;
 
-/// Runs every call of the wrapped service, and every poll of its answer, under [`guard`].
+/// Runs every call of the wrapped service, and every poll of its answer, under [`guard`]; the error of a call that
+/// panicked is written by the second field (each protocol writes its errors in its own shape).
 #[derive(Clone)]
-pub struct CatchPanic<S>(pub S);
+pub struct CatchPanic<S>(pub S, pub fn(Error) -> Response);
 
 impl<S> tower::Service<Request> for CatchPanic<S>
 where
@@ -36,8 +38,8 @@ where
             future = Some(Box::pin(self.0.call(request)));
             Ok(())
         }) {
-            Ok(()) => Guarded { future, answer: None, what },
-            Err(e) => Guarded { future: None, answer: Some(e.into_response()), what },
+            Ok(()) => Guarded { future, answer: None, what, render: self.1 },
+            Err(e) => Guarded { future: None, answer: Some((self.1)(e)), what, render: self.1 },
         }
     }
 }
@@ -49,6 +51,7 @@ pub struct Guarded<F> {
     answer: Option<Response>,
     /// The request, for the log.
     what: String,
+    render: fn(Error) -> Response,
 }
 
 impl<F, R> Future for Guarded<F>
@@ -74,7 +77,7 @@ where
         match (result, polled) {
             (Err(e), _) => {
                 this.future = None;
-                Poll::Ready(Ok(e.into_response()))
+                Poll::Ready(Ok((this.render)(e)))
             }
             (Ok(()), Poll::Ready(Ok(r))) => {
                 this.future = None;
@@ -105,7 +108,7 @@ mod tests {
         let app = axum::Router::new()
             .route("/boom", get(boom))
             .route("/fine", get(|| async { "fine" }))
-            .layer(tower::layer::layer_fn(CatchPanic));
+            .layer(tower::layer::layer_fn(|inner| CatchPanic(inner, Error::into_response)));
         let call = |path: &str| {
             let request = Request::builder().uri(path).body(Body::empty()).unwrap();
             app.clone().oneshot(request)
