@@ -31,8 +31,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Serialize;
 
 use super::azure::{
-    bad, finish_frame, normalize_of, RowWidth, others, row_item, text_too_long, too_many_items, Cell, CellSeed, ColumnProblem,
-    Ctx, FrameSeed, FrameValue, Params, ParamsSeed, ParseLimits, ScoreRequest,
+    bad, finish_frame, normalize_of, others, row_item, text_too_long, too_many_items, Cell, CellSeed, ColumnProblem,
+    Ctx, FrameSeed, FrameValue, Params, ParamsSeed, ParseLimits, RowWidth, ScoreRequest,
 };
 use crate::engine::ItemInput;
 use crate::error::{truncate, Error, Kind, Reason};

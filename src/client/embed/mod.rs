@@ -343,7 +343,7 @@ fn print_summary(args: &EmbedArgs, summary: &Summary) {
             String::new()
         },
         args.output.display(),
-        output::errors_path(&args).display(),
+        output::errors_path(args).display(),
     );
 }
 
