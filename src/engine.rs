@@ -14,16 +14,7 @@ use crate::inputs::text::ClipTokenizer;
 use crate::prepare::{PrepareContext, Preparer, RequestWork, Unit, UnitInput};
 use crate::state::ServerState;
 
-/// Where an item's image comes from.
-#[derive(Debug, Clone)]
-pub enum ImageSource {
-    /// An encoded image file.
-    Bytes(Vec<u8>),
-    /// Base64 of an encoded image file.
-    Base64(String),
-    /// An http(s) URL.
-    Url(String),
-}
+pub use crate::inputs::ImageSource;
 
 /// One item of a request, transport-independent.
 #[derive(Debug, Clone, Default)]

@@ -17,10 +17,10 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::batching::{Batcher, BudgetPermit, ImageInput, Job, Reply, TextInput, Ticket};
-use crate::engine::ImageSource;
 use crate::error::{Error, Reason};
 use crate::inputs::image::{decode_base64, ImagePreprocessor};
 use crate::inputs::text::ClipTokenizer;
+use crate::inputs::ImageSource;
 use crate::telemetry;
 
 /// Most images of one request prepared before they are queued together.
