@@ -289,10 +289,10 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-models/tiny");
         if !dir.join("model.pt").exists() {
             // The one test here that needs the exported test model: one line naming the command that makes it.
-            eprintln!(
-                "{} is missing: run dev/test.sh (it exports the test models, then runs cargo test)",
-                dir.display()
-            );
+            // Straight to the process's stderr: the test harness captures eprintln!, and would drop it on exit.
+            use std::io::Write;
+            let message = "is missing: run dev/test.sh (it exports the test models, then runs cargo test)";
+            let _ = writeln!(std::io::stderr(), "{} {message}", dir.display());
             std::process::exit(2);
         }
         let _no_grad = tch::no_grad_guard();

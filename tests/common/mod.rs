@@ -30,7 +30,10 @@ pub fn fixtures() -> Value {
 /// Exits the test binary, saying in one line which command prepares what is missing. Every test of the binary
 /// needs the same data, so one line says it better than a panic per test.
 pub fn missing_fixtures(path: &Path) -> ! {
-    eprintln!(
+    use std::io::Write;
+    // Straight to the process's stderr: the test harness captures eprintln!, and would drop it on exit.
+    let _ = writeln!(
+        std::io::stderr(),
         "{} is missing: the tests need the exported test models and reference data; run dev/test.sh (it prepares \
          them, then runs cargo test with the same arguments)",
         path.display()
