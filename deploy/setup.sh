@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets clipserve up on a fresh machine: the Python virtualenv (.venv: torch 2.11.0, whose libtorch the server
-# links, transformers, pillow, numpy, pyarrow, grpcio, mlflow-skinny with pandas and scipy for the tests of MLflow's
-# client, and open_clip_torch for CLIP's BPE vocabulary), the release binary, and the default model in
+# links, transformers, pillow, numpy, pyarrow, grpcio, openai, mlflow-skinny with pandas and scipy for the tests of
+# MLflow's client, and open_clip_torch for CLIP's BPE vocabulary), the release binary, and the default model in
 # models/clip-vit-base-patch32. Idempotent: a second run reuses what exists.
 #
 #   deploy/setup.sh                   everything

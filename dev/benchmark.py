@@ -57,8 +57,9 @@ def run_json(args: list[str]) -> dict:
 class Server:
     def __init__(self, model: Path, device: str, extra: list[str]):
         self.proc = subprocess.Popen(
+            # The load repeats its inputs: without the content cache, every item costs its preprocessing and forward.
             [str(BIN), "serve", "--model", str(model), "--device", device, "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", *extra],
+             "--http-addr", "127.0.0.1:0", "--cache-mb", "0", *extra],
             stderr=subprocess.PIPE, text=True,
         )
         for line in self.proc.stderr:

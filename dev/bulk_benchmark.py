@@ -64,8 +64,9 @@ def make_dataset(folder: Path, items: int, shard_items: int, image: bytes, text:
 class Server:
     def __init__(self, model: Path, extra: list[str]):
         self.proc = subprocess.Popen(
+            # The items are copies: without the content cache, every item costs its preprocessing and forward.
             [str(BIN), "serve", "--model", str(model), "--device", "cpu", "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", *extra],
+             "--http-addr", "127.0.0.1:0", "--cache-mb", "0", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for line in self.proc.stderr:

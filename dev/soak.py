@@ -69,7 +69,7 @@ def main() -> None:
     jpeg = work / "640x480.jpg"
     make_jpeg(jpeg)
     jpeg_b64 = base64.b64encode(jpeg.read_bytes()).decode()
-    server = Server(args.model, "cpu", [])
+    server = Server(args.model, "cpu", ["--cache-mb", "0"])  # the load repeats its inputs
     pid = server.proc.pid
     url = f"http://{server.http}/score"
     total = collections.Counter()

@@ -171,10 +171,16 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_MAX_GRPC_CONNECTIONS", default_value_t = 4096)]
     pub max_grpc_connections: usize,
 
-    /// Require this API key: `Authorization: Bearer KEY` on /score and /invocations, `authorization: Bearer KEY`
-    /// metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
+    /// Require this API key: `Authorization: Bearer KEY` on /score, /invocations and /v1/*, `authorization: Bearer
+    /// KEY` metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
     #[arg(long, env = "CLIPSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// Mebibytes of embeddings the content cache keeps (least recently used first out), keyed by a hash of each
+    /// image's bytes or text, so repeated inputs skip preprocessing and the model; identical inputs in flight at
+    /// once are computed once. An entry of 512 floats costs about 2.2 KB. 0 disables the cache.
+    #[arg(long, env = "CLIPSERVE_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: usize,
 
     /// Threads decoding, preprocessing and tokenizing; 0 means one per core.
     #[arg(long, env = "CLIPSERVE_CPU_THREADS", default_value_t = 0)]

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::oneshot;
-
-use crate::batching::{AdmissionControl, Batcher, BudgetPermit, MemoryBudget, Reply, Ticket};
+use crate::batching::{AdmissionControl, Batcher, BudgetPermit, Embedded, JobReceiver, MemoryBudget, Reply, Ticket};
+use crate::cache::ContentCache;
 use crate::error::{Error, Reason};
 use crate::inputs::fetch::UrlFetcher;
 use crate::inputs::image::ImagePreprocessor;
@@ -30,9 +29,14 @@ pub struct ItemOutput {
     pub id: String,
     pub image_features: Option<Vec<f32>>,
     pub text_features: Option<Vec<f32>>,
+    /// Tokens the model read for the item's text (start and end tokens included); 0 without a text.
+    pub text_tokens: u32,
+    /// Where the item's time went; for an item with an image and a text, the timing of the one that finished
+    /// last.
+    pub timing: ItemTiming,
 }
 
-pub use crate::batching::Admission;
+pub use crate::batching::{Admission, ItemTiming};
 
 /// Limits enforced before any expensive work.
 #[derive(Debug, Clone)]
@@ -93,6 +97,8 @@ pub struct EngineParts {
     pub state: Arc<ServerState>,
     /// Testing only: tokenizing exactly this text panics.
     pub inject_panic_on_text: Option<String>,
+    /// Bytes of embeddings the content cache may hold; 0 disables it.
+    pub cache_bytes: usize,
 }
 
 /// The shared request path.
@@ -104,10 +110,8 @@ pub struct Engine {
     limits: Limits,
     state: Arc<ServerState>,
     info: ModelInfo,
+    cache: Option<Arc<ContentCache>>,
 }
-
-/// Where one submitted job's embedding (or its error) arrives.
-type JobReceiver = oneshot::Receiver<Result<Vec<f32>, Error>>;
 
 /// The receivers of one item's jobs, or its validation error.
 enum ItemWork {
@@ -126,11 +130,22 @@ struct UrlJob {
 impl Engine {
     /// An engine feeding the batcher of `parts`.
     pub fn new(parts: EngineParts) -> anyhow::Result<Self> {
-        let EngineParts { batcher, images, tokenizer, fetcher, limits, cpu_threads, info, state, inject_panic_on_text } =
-            parts;
+        let EngineParts {
+            batcher,
+            images,
+            tokenizer,
+            fetcher,
+            limits,
+            cpu_threads,
+            info,
+            state,
+            inject_panic_on_text,
+            cache_bytes,
+        } = parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
-        let preparer =
-            Preparer::start(cpu_threads, PrepareContext { images, tokenizer, batcher, inject_panic_on_text })?;
+        let cache = ContentCache::new(cache_bytes, info.embedding_dim);
+        let context = PrepareContext { images, tokenizer, batcher, inject_panic_on_text, cache: cache.clone() };
+        let preparer = Preparer::start(cpu_threads, context)?;
         Ok(Engine {
             preparer: Arc::new(preparer),
             admission: AdmissionControl::new(limits.max_queued_items),
@@ -139,7 +154,13 @@ impl Engine {
             limits,
             state,
             info,
+            cache,
         })
+    }
+
+    /// Most embeddings the content cache holds (0 when it is disabled).
+    pub fn cache_capacity(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.capacity())
     }
 
     /// The served model.
@@ -273,11 +294,13 @@ impl Engine {
                     return ItemWork::Failed(e);
                 }
                 let mut unit = |input: UnitInput| {
-                    let (reply, rx) = oneshot::channel();
+                    let (reply, rx) = Reply::channel();
                     let ticket = tickets.next().expect("one ticket per input");
                     match input {
                         UnitInput::Image(ImageSource::Url(url)) => urls.push(UrlJob { index, url, reply, ticket }),
-                        input => units.push(Unit { index, input, reply, ticket, held: BudgetPermit::none() }),
+                        input => {
+                            units.push(Unit { index, input, reply, ticket, held: BudgetPermit::none(), key: None })
+                        }
                     }
                     rx
                 };
@@ -306,11 +329,12 @@ impl Engine {
                     let (request, preparer, fetcher, budget) =
                         (request.clone(), preparer.clone(), fetcher.clone(), budget.clone());
                     async move {
-                        let UrlJob { index, url, reply, ticket } = job;
+                        let UrlJob { index, url, mut reply, ticket } = job;
                         if reply.is_closed() {
                             request.forget(&preparer);
                             return;
                         }
+                        let started = Instant::now();
                         let fetch = fetcher.fetch(&url, &budget, Some(url_deadline));
                         let fetched = tokio::time::timeout_at(url_deadline.into(), fetch).await.unwrap_or_else(|_| {
                             Err(Error::new(
@@ -318,10 +342,12 @@ impl Engine {
                                 format!("the image URLs of this request took longer than {timeout:?}"),
                             ))
                         });
+                        reply.add_preprocess(started.elapsed());
                         match fetched {
                             Ok((bytes, held)) => {
                                 let input = UnitInput::Image(ImageSource::Bytes(bytes));
-                                preparer.add_expected(&request, Unit { index, input, reply, ticket, held });
+                                let unit = Unit { index, input, reply, ticket, held, key: None };
+                                preparer.add_expected(&request, unit);
                             }
                             Err(e) => {
                                 let _ = reply.send(Err(e));
@@ -398,29 +424,45 @@ async fn gather(
     Ok(out.into_iter().map(|r| r.expect("every item answered")).collect())
 }
 
-async fn await_job(rx: JobReceiver) -> Result<Vec<f32>, Error> {
+async fn await_job(rx: JobReceiver) -> Result<Embedded, Error> {
     rx.await.unwrap_or_else(|_| Err(Error::new(Reason::ModelFailure, "the item was dropped before it was embedded")))
 }
 
 fn assemble(
     id: String,
-    image: Option<Result<Vec<f32>, Error>>,
-    text: Option<Result<Vec<f32>, Error>>,
+    image: Option<Result<Embedded, Error>>,
+    text: Option<Result<Embedded, Error>>,
     normalize: bool,
 ) -> Result<ItemOutput, Error> {
-    let finish = |r: Option<Result<Vec<f32>, Error>>, what: &str| -> Result<Option<Vec<f32>>, Error> {
+    let finish = |r: Option<Result<Embedded, Error>>, what: &str| -> Result<Option<Embedded>, Error> {
         match r {
             None => Ok(None),
-            Some(Ok(mut v)) => {
+            Some(Ok(mut e)) => {
                 if normalize {
-                    l2_normalize(&mut v);
+                    l2_normalize(&mut e.vector);
                 }
-                Ok(Some(v))
+                Ok(Some(e))
             }
             Some(Err(e)) => Err(e.context(what)),
         }
     };
-    Ok(ItemOutput { image_features: finish(image, "image")?, text_features: finish(text, "text")?, id })
+    let (image, text) = (finish(image, "image")?, finish(text, "text")?);
+    // The item was ready when both of its inputs were: its timing is that of the one that took longer.
+    let timing = match (&image, &text) {
+        (Some(i), Some(t)) if t.timing.total() > i.timing.total() => {
+            ItemTiming { cached: i.timing.cached && t.timing.cached, ..t.timing }
+        }
+        (Some(i), Some(t)) => ItemTiming { cached: i.timing.cached && t.timing.cached, ..i.timing },
+        (Some(one), None) | (None, Some(one)) => one.timing,
+        (None, None) => ItemTiming::default(),
+    };
+    Ok(ItemOutput {
+        text_tokens: text.as_ref().map_or(0, |t| t.tokens),
+        image_features: image.map(|e| e.vector),
+        text_features: text.map(|e| e.vector),
+        timing,
+        id,
+    })
 }
 
 /// Scales `v` to unit length (left as it is if it is all zeros).
@@ -447,12 +489,27 @@ mod tests {
         assert_eq!(z, vec![0.0, 0.0]);
     }
 
+    fn embedded(vector: Vec<f32>, tokens: u32, queue_ms: u64, cached: bool) -> Embedded {
+        let timing = ItemTiming { queue: std::time::Duration::from_millis(queue_ms), cached, ..Default::default() };
+        Embedded { vector, tokens, timing }
+    }
+
     #[test]
     fn an_item_error_names_its_modality() {
         let r = assemble("a".into(), Some(Err(Error::new(Reason::InvalidImage, "bad"))), None, false);
         assert_eq!(r, Err(Error::new(Reason::InvalidImage, "image: bad")));
-        let ok = assemble("b".into(), None, Some(Ok(vec![2.0, 0.0])), true).unwrap();
+        let ok = assemble("b".into(), None, Some(Ok(embedded(vec![2.0, 0.0], 4, 1, false))), true).unwrap();
         assert_eq!(ok.text_features, Some(vec![1.0, 0.0]));
-        assert_eq!(ok.image_features, None);
+        assert_eq!((ok.image_features, ok.text_tokens), (None, 4));
+    }
+
+    #[test]
+    fn an_item_with_two_inputs_takes_the_timing_of_the_slower() {
+        let image = Some(Ok(embedded(vec![1.0], 0, 9, true)));
+        let text = Some(Ok(embedded(vec![1.0], 5, 3, false)));
+        let both = assemble("c".into(), image, text, false).unwrap();
+        assert_eq!(both.timing.queue, std::time::Duration::from_millis(9));
+        assert!(!both.timing.cached, "cached only when both inputs were");
+        assert_eq!(both.text_tokens, 5);
     }
 }

@@ -20,6 +20,8 @@ pub enum Kind {
     Internal,
     /// Missing or wrong API key.
     Unauthenticated,
+    /// The request names something the server does not have (a model).
+    NotFound,
 }
 
 macro_rules! reasons {
@@ -107,6 +109,8 @@ reasons! {
     InternalPanic = "INTERNAL_PANIC", Internal, false;
     /// Missing or wrong API key.
     Unauthenticated = "UNAUTHENTICATED", Unauthenticated, false;
+    /// The request names a model the server does not serve (OpenAI API).
+    ModelNotFound = "MODEL_NOT_FOUND", NotFound, false;
     /// Zero-shot labels that cannot be used: none at all, an empty one, or a template without exactly one `{}`.
     InvalidLabels = "INVALID_LABELS", InvalidArgument, false;
     /// More zero-shot labels than `--max-labels`.
@@ -161,6 +165,7 @@ impl Error {
             Kind::DeadlineExceeded => Code::DeadlineExceeded,
             Kind::Internal => Code::Internal,
             Kind::Unauthenticated => Code::Unauthenticated,
+            Kind::NotFound => Code::NotFound,
         }
     }
 
@@ -174,6 +179,7 @@ impl Error {
             Kind::DeadlineExceeded => 504,
             Kind::Internal => 500,
             Kind::Unauthenticated => 401,
+            Kind::NotFound => 404,
         }
     }
 
@@ -223,6 +229,7 @@ mod tests {
             (Reason::DeadlineExceeded, Code::DeadlineExceeded, 504),
             (Reason::ModelFailure, Code::Internal, 500),
             (Reason::Unauthenticated, Code::Unauthenticated, 401),
+            (Reason::ModelNotFound, Code::NotFound, 404),
         ];
         for (reason, code, http) in cases {
             let e = Error::new(reason, "x");

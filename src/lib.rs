@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod batching;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod prepare;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod timing;
 pub mod zeroshot;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.

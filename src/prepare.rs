@@ -12,11 +12,12 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::batching::{Batcher, BudgetPermit, ImageInput, Job, Reply, TextInput, Ticket};
+use crate::cache::{CacheKey, Claim, ContentCache, Parked};
 use crate::error::{Error, Reason};
 use crate::inputs::image::{decode_base64, ImagePreprocessor};
 use crate::inputs::text::ClipTokenizer;
@@ -43,6 +44,8 @@ pub struct Unit {
     pub ticket: Ticket,
     /// Bytes of this input held against the memory budget (a fetched body) until it is prepared.
     pub held: BudgetPermit,
+    /// Its content cache key, once known (an input handed back by the cache after its leader failed).
+    pub key: Option<CacheKey>,
 }
 
 /// What preparing needs.
@@ -52,6 +55,8 @@ pub struct PrepareContext {
     pub batcher: Arc<Batcher>,
     /// Testing only: tokenizing exactly this text panics.
     pub inject_panic_on_text: Option<String>,
+    /// The content cache, when enabled: inputs found there skip preparation and the model.
+    pub cache: Option<Arc<ContentCache>>,
 }
 
 /// The inputs of one request, as the pool sees them.
@@ -210,6 +215,10 @@ impl Preparer {
             ring: Mutex::new(Ring { requests: VecDeque::new(), closed: false }),
             wake: Condvar::new(),
         });
+        if let Some(cache) = &context.cache {
+            let pool = Arc::downgrade(&shared);
+            cache.set_resubmit(Box::new(move |parked| resubmit(&pool, parked)));
+        }
         let context = Arc::new(context);
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
@@ -255,6 +264,26 @@ impl Preparer {
         for h in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+/// Queues inputs handed back by the cache (their leader did not finish), each as a request of its own with its
+/// caller's deadline; the first one prepared leads in place of the one that failed.
+fn resubmit(pool: &Weak<Shared>, parked: Vec<Parked>) {
+    let shared = pool.upgrade().filter(|s| !s.lock().closed);
+    for Parked { unit, deadline } in parked {
+        let Some(shared) = &shared else {
+            let _ = unit.reply.send(Err(Error::new(Reason::ShuttingDown, "server is shutting down")));
+            continue;
+        };
+        let request = RequestWork::new(deadline, BudgetPermit::none());
+        {
+            let mut st = request.lock();
+            st.queued.push_back(unit);
+            st.pending = 1;
+            st.in_ring = true;
+        }
+        shared.push(request);
     }
 }
 
@@ -310,7 +339,7 @@ enum Prepared {
 
 /// Prepares one input: its job for the model, or `None` when it was answered (an error) or dropped.
 fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> Option<Prepared> {
-    let Unit { index, input, reply, ticket, held } = unit;
+    let Unit { index, input, reply, ticket, held, key } = unit;
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     if reply.is_closed() {
         metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
@@ -321,41 +350,97 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
         let _ = reply.send(Err(Error::new(Reason::DeadlineExceeded, "deadline passed before the input was prepared")));
         return None;
     }
-    let should_stop = || reply.is_closed() || expired();
     let start = Instant::now();
-    let (modality, result) = match input {
-        UnitInput::Image(source) => {
-            let r = guard("preprocess", format_args!("image of item {index}"), || {
-                let pixels = match source {
-                    ImageSource::Bytes(b) => context.images.preprocess_until(&b, &should_stop),
-                    ImageSource::Base64(s) => {
-                        decode_base64(&s).and_then(|b| context.images.preprocess_until(&b, &should_stop))
-                    }
-                    ImageSource::Url(_) => Err(Error::new(Reason::InternalPanic, "image URL was not fetched")),
-                }?;
-                Ok(Ready::Image(ImageInput { pixels }))
-            });
-            ("image", r)
-        }
-        UnitInput::Text(text) => {
-            let r = guard("tokenize", format_args!("text of item {index}"), || {
-                if context.inject_panic_on_text.as_deref() == Some(text.as_str()) {
-                    panic!("injected preprocessing fault");
+    // Base64 is decoded first: the cache knows an image by its bytes.
+    let input = match input {
+        UnitInput::Image(ImageSource::Base64(s)) => {
+            match guard("preprocess", format_args!("image of item {index}"), || decode_base64(&s)) {
+                Ok(bytes) => UnitInput::Image(ImageSource::Bytes(bytes)),
+                Err(e) => {
+                    metrics::histogram!(telemetry::PREPROCESS_DURATION, "modality" => "image")
+                        .record(start.elapsed().as_secs_f64());
+                    let _ = reply.send(Err(e));
+                    return None;
                 }
-                let ids = context.tokenizer.encode(&text)?;
-                Ok(Ready::Text(TextInput { ids }))
-            });
-            ("text", r)
+            }
+        }
+        input => input,
+    };
+    let mut unit = Unit { index, input, reply, ticket, held, key };
+    let resumed = match &context.cache {
+        Some(cache) => {
+            unit = look_up(cache, unit, deadline, start)?;
+            Instant::now()
+        }
+        None => start,
+    };
+    let Unit { index, input, mut reply, ticket, held, .. } = unit;
+    let (modality, result) = {
+        let should_stop = || reply.is_closed() || expired();
+        match input {
+            UnitInput::Image(source) => {
+                let r = guard("preprocess", format_args!("image of item {index}"), || {
+                    let pixels = match source {
+                        ImageSource::Bytes(b) => context.images.preprocess_until(&b, &should_stop),
+                        ImageSource::Base64(_) | ImageSource::Url(_) => {
+                            Err(Error::new(Reason::InternalPanic, "image was not resolved to its bytes"))
+                        }
+                    }?;
+                    Ok(Ready::Image(ImageInput { pixels }))
+                });
+                ("image", r)
+            }
+            UnitInput::Text(text) => {
+                let r = guard("tokenize", format_args!("text of item {index}"), || {
+                    if context.inject_panic_on_text.as_deref() == Some(text.as_str()) {
+                        panic!("injected preprocessing fault");
+                    }
+                    let ids = context.tokenizer.encode(&text)?;
+                    Ok(Ready::Text(TextInput { ids }))
+                });
+                ("text", r)
+            }
         }
     };
+    reply.add_preprocess(resumed.elapsed());
     metrics::histogram!(telemetry::PREPROCESS_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
     drop(held); // the encoded bytes are gone
     match result {
         Ok(Ready::Image(input)) => Some(Prepared::Image(Job::new(input, deadline, reply).with_ticket(ticket))),
-        Ok(Ready::Text(input)) => Some(Prepared::Text(Job::new(input, deadline, reply).with_ticket(ticket))),
+        Ok(Ready::Text(input)) => {
+            reply.set_tokens(input.ids.len());
+            Some(Prepared::Text(Job::new(input, deadline, reply).with_ticket(ticket)))
+        }
         Err(e) => {
             let _ = reply.send(Err(e));
             None // the ticket goes with the unit
+        }
+    }
+}
+
+/// Looks an input up in the content cache (hashing it, unless it was handed back with its key): `None` when it
+/// was answered from the cache or parked behind an identical input in flight, else the unit, now leading the
+/// computation of its entry. The time spent (since `start`, base64 decoding included) counts as preprocessing.
+fn look_up(cache: &Arc<ContentCache>, mut unit: Unit, deadline: Option<Instant>, start: Instant) -> Option<Unit> {
+    let counted = unit.key.is_some();
+    let key = match (unit.key, &unit.input) {
+        (Some(key), _) => Some(key),
+        (None, UnitInput::Image(ImageSource::Bytes(bytes))) => Some(CacheKey::image(bytes)),
+        (None, UnitInput::Text(text)) => Some(CacheKey::text(text)),
+        (None, UnitInput::Image(_)) => None,
+    };
+    unit.reply.add_preprocess(start.elapsed());
+    let Some(key) = key else { return Some(unit) };
+    unit.key = Some(key);
+    match cache.claim(key, Parked { unit, deadline }, !counted) {
+        Claim::Hit(vector, tokens, parked) => {
+            let _ = parked.unit.reply.send_cached(vector, tokens);
+            None
+        }
+        Claim::Parked => None,
+        Claim::Lead(lead, Parked { mut unit, .. }) => {
+            unit.reply.lead(lead);
+            Some(unit)
         }
     }
 }

@@ -54,6 +54,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_batch_delay: args.max_batch_delay,
     }));
     let engine = Arc::new(build_engine(&args, &manifest, &pool_config, batcher.clone(), state.clone())?);
+    match engine.cache_capacity() {
+        0 => tracing::info!("content cache disabled"),
+        entries => tracing::info!(mib = args.cache_mb, entries, "content cache"),
+    }
     let classifier = Arc::new(Classifier::new(engine.clone(), classifier_config(&args, &manifest)?));
     let parts = Parts { engine, classifier, batcher, manifest, pool_config, state };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -158,6 +162,7 @@ fn build_engine(
         info: model_info(manifest, pool_config),
         state,
         inject_panic_on_text: args.inject_preprocess_panic.clone(),
+        cache_bytes: crate::cache::mib(args.cache_mb),
     })
 }
 

@@ -38,6 +38,13 @@ pub const BUDGET_BYTES: &str = "clipserve_memory_budget_held_bytes";
 pub const PANICS: &str = "clipserve_panics_total";
 /// Item and call errors answered, by `reason` (README: "Errors").
 pub const ERRORS: &str = "clipserve_errors_total";
+/// Inputs answered from the content cache (or from an identical input in flight) without their own preprocessing
+/// and forward pass, by `modality`.
+pub const CACHE_HITS: &str = "clipserve_cache_hits_total";
+/// Inputs looked up in the content cache and computed, by `modality`.
+pub const CACHE_MISSES: &str = "clipserve_cache_misses_total";
+/// Approximate bytes of embeddings held by the content cache (bounded by --cache-mb).
+pub const CACHE_BYTES: &str = "clipserve_cache_bytes";
 /// 1 once the model is loaded and warmed up and the server is not draining, else 0.
 pub const READY: &str = "clipserve_ready";
 /// Zero-shot label texts found in the label embedding cache (or computed meanwhile by another request).
@@ -84,6 +91,9 @@ fn describe() {
     describe_gauge!(BUDGET_BYTES, Unit::Bytes, "Bytes of request data held against the memory budget");
     describe_counter!(PANICS, "Panics caught and answered INTERNAL, by stage");
     describe_counter!(ERRORS, "Errors answered, by reason");
+    describe_counter!(CACHE_HITS, "Inputs answered from the content cache, by modality");
+    describe_counter!(CACHE_MISSES, "Inputs looked up in the content cache and computed, by modality");
+    describe_gauge!(CACHE_BYTES, Unit::Bytes, "Approximate bytes of embeddings held by the content cache");
     describe_counter!(LABEL_CACHE_HITS, "Zero-shot label texts found in the label embedding cache");
     describe_counter!(LABEL_CACHE_MISSES, "Zero-shot label texts embedded because the cache did not hold them");
     describe_gauge!(LABEL_CACHE_ENTRIES, "Entries held by the label embedding cache");

@@ -79,7 +79,8 @@ async fn health_ready_and_metrics_endpoints() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_deadline_never_reaches_the_model() {
-    let server = TestServer::start(&model_dir("vit-b32"), &[]).await;
+    // The load is 32 copies of one image: without the content cache, so that each costs its forward pass.
+    let server = TestServer::start(&model_dir("vit-b32"), &["--cache-mb", "0"]).await;
     let client = server.client().await;
     // Keep the only model worker busy for about a second with 32 images of the full-size model.
     let jpeg = image_bytes("landscape_640x480.jpg");

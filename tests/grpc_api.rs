@@ -236,7 +236,8 @@ async fn concurrent_requests_share_batches_and_equal_single_calls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_rejects_at_once_and_loses_nothing() {
-    let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "4"]).await;
+    // Copies of one image make the load: without the content cache, so that each is decoded.
+    let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "4", "--cache-mb", "0"]).await;
     let client = server.client().await;
     let big = image_bytes("large_2000x1500.jpg");
     let calls = (0..40).map(|_| {

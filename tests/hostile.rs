@@ -200,9 +200,11 @@ async fn decoding_stops_when_the_deadline_passes() {
 async fn a_small_call_is_not_stuck_behind_a_large_one() {
     let server = TestServer::start(&model_dir("tiny"), &["--cpu-threads", "1"]).await;
     let client = server.client().await;
-    // 256 texts of 16,000 characters each: tokenizing them takes seconds on one thread.
+    // 256 different texts of 16,000 characters each (the content cache would compute equal ones once): tokenizing
+    // them takes seconds on one thread.
     let long = "a quick brown fox jumps over the lazy dog ".repeat(380);
-    let big: Vec<Item> = (0..256).map(|i| Item { id: i.to_string(), image: None, text: Some(long.clone()) }).collect();
+    let big: Vec<Item> =
+        (0..256).map(|i| Item { id: i.to_string(), image: None, text: Some(format!("{i} {long}")) }).collect();
     let mut c = client.clone();
     let large = tokio::spawn(async move {
         let start = Instant::now();
@@ -225,7 +227,10 @@ async fn a_small_call_is_not_stuck_behind_a_large_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_and_resend_cannot_hold_more_than_the_queue() {
-    let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "8", "--cpu-threads", "1"]).await;
+    // Copies of one image make the load: without the content cache, so that each is decoded.
+    let server =
+        TestServer::start(&model_dir("tiny"), &["--max-queued-items", "8", "--cpu-threads", "1", "--cache-mb", "0"])
+            .await;
     let client = server.client().await;
     let jpeg = image_bytes("large_2000x1500.jpg");
     let mut refused = 0;

@@ -25,7 +25,8 @@ fn request(items: Vec<Item>) -> EmbedRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_at_ten_times_the_queue_answers_every_call() {
-    let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "8"]).await;
+    // Copies of one image make the load: without the content cache, so that each is decoded.
+    let server = TestServer::start(&model_dir("tiny"), &["--max-queued-items", "8", "--cache-mb", "0"]).await;
     let client = server.client().await;
     // A large JPEG takes tens of milliseconds to decode, so admitted calls hold the queue while the rest arrive.
     let jpeg = image_bytes("large_2000x1500.jpg");
@@ -184,7 +185,8 @@ async fn invalid_utf8_and_huge_texts_are_client_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_finishes_work_in_flight_and_exits_in_time() {
-    let server = TestServer::start(&model_dir("vit-b32"), &["--shutdown-timeout", "20s"]).await;
+    // Copies of one image make the work in flight: without the content cache, so that each costs its share.
+    let server = TestServer::start(&model_dir("vit-b32"), &["--shutdown-timeout", "20s", "--cache-mb", "0"]).await;
     let client = server.client().await;
     // A stream left open by its client: it must not hold the shutdown up.
     let (tx, rx) = tokio::sync::mpsc::channel::<EmbedRequest>(4);

@@ -12,17 +12,17 @@
 //! closing) wakes all waiting workers, each of which looks again at what it may take.
 
 pub mod admission;
+pub mod reply;
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
 use crate::error::{Error, Reason};
 use crate::telemetry;
 
 pub use admission::{Admission, AdmissionControl, BudgetPermit, MemoryBudget, Ticket};
+pub use reply::{Embedded, ItemTiming, JobReceiver, Reply};
 
 /// A preprocessed image: normalized CHW float32 pixels, `3 * size * size` values.
 pub struct ImageInput {
@@ -33,9 +33,6 @@ pub struct ImageInput {
 pub struct TextInput {
     pub ids: Vec<i64>,
 }
-
-/// Where a job's embedding (or its error) is delivered.
-pub type Reply = oneshot::Sender<Result<Vec<f32>, Error>>;
 
 /// One item of one modality, waiting for the model.
 pub struct Job<T> {
@@ -82,7 +79,7 @@ impl Batch {
 }
 
 /// Which modality a queue holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Modality {
     Image,
     Text,
@@ -173,12 +170,13 @@ fn take<T>(queue: &mut VecDeque<Job<T>>, max: usize, stats: &mut BatcherStats, m
     let mut batch = Vec::with_capacity(max.min(queue.len()));
     let mut popped = 0usize;
     while batch.len() < max {
-        let Some(job) = queue.pop_front() else { break };
+        let Some(mut job) = queue.pop_front() else { break };
         popped += 1;
         match fate(&job, now) {
             Fate::Run => {
                 metrics::histogram!(telemetry::QUEUE_DURATION, "modality" => modality.as_str())
                     .record(now.duration_since(job.enqueued_at).as_secs_f64());
+                job.reply.taken(now);
                 batch.push(job);
             }
             Fate::Cancelled => {
@@ -353,13 +351,13 @@ mod tests {
         BatcherConfig { max_batch_images: images, max_batch_texts: texts, max_batch_delay: Duration::ZERO }
     }
 
-    fn text_job(id: i64) -> (Job<TextInput>, oneshot::Receiver<Result<Vec<f32>, Error>>) {
-        let (tx, rx) = oneshot::channel();
+    fn text_job(id: i64) -> (Job<TextInput>, JobReceiver) {
+        let (tx, rx) = Reply::channel();
         (Job::new(TextInput { ids: vec![id] }, None, tx), rx)
     }
 
-    fn image_job() -> (Job<ImageInput>, oneshot::Receiver<Result<Vec<f32>, Error>>) {
-        let (tx, rx) = oneshot::channel();
+    fn image_job() -> (Job<ImageInput>, JobReceiver) {
+        let (tx, rx) = Reply::channel();
         (Job::new(ImageInput { pixels: vec![0.0] }, None, tx), rx)
     }
 
@@ -398,7 +396,7 @@ mod tests {
         let (gone, rx_gone) = text_job(1);
         drop(rx_gone); // the caller went away
         b.push_text(gone);
-        let (tx, mut rx_expired) = oneshot::channel();
+        let (tx, mut rx_expired) = Reply::channel();
         b.push_text(Job::new(TextInput { ids: vec![2] }, Some(Instant::now() - Duration::from_millis(1)), tx));
         let (live, _rx_live) = text_job(3);
         b.push_text(live);

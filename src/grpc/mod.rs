@@ -128,11 +128,19 @@ fn to_item(item: pb::Item) -> ItemInput {
 }
 
 fn to_embedding(out: ItemOutput) -> pb::Embedding {
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let t = out.timing;
     pb::Embedding {
         id: out.id,
         image_features: out.image_features.unwrap_or_default(),
         text_features: out.text_features.unwrap_or_default(),
         error: None,
+        timing: Some(pb::ItemTiming {
+            queue_us: micros(t.queue),
+            preprocess_us: micros(t.preprocess),
+            inference_us: micros(t.inference),
+            cached: t.cached,
+        }),
     }
 }
 
@@ -261,13 +269,23 @@ impl Embedder for EmbedderService {
 impl EmbedderService {
     async fn embed_unary(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let deadline = deadline_of(&request);
+        let arrival = request.extensions().get::<CallStart>().map_or_else(Instant::now, |s| s.0);
         let request = request.into_inner();
         let size = prost::Message::encoded_len(&request);
         let budget = self.engine.budget().acquire(size, Admission::Reject, deadline).await?;
         // One bad item fails the whole call (fail_fast), with the kind of its error.
         let results = run_request(&self.engine, request, deadline, Admission::Reject, budget).await?;
-        let embeddings = results.into_iter().map(|r| r.map(to_embedding)).collect::<Result<_, _>>()?;
-        Ok(Response::new(pb::EmbedResponse { embeddings }))
+        let outputs = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let stages = crate::timing::Stages::of(outputs.iter().map(|o| &o.timing));
+        let mut response =
+            Response::new(pb::EmbedResponse { embeddings: outputs.into_iter().map(to_embedding).collect() });
+        // The call's timings as TEI sends them, in the response headers (the items' own are in their `timing`).
+        for (name, value) in crate::timing::headers(arrival, Some(&stages)) {
+            if let Ok(value) = value.parse() {
+                response.metadata_mut().insert(name, value);
+            }
+        }
+        Ok(response)
     }
 }
 
@@ -346,6 +364,7 @@ fn error_embedding(id: String, e: Error) -> pb::Embedding {
             message: e.message().into_owned(),
             reason: e.reason().as_str().to_string(),
         }),
+        timing: None,
     }
 }
 

@@ -118,6 +118,7 @@ pub fn error_code(reason: Reason) -> &'static str {
             Kind::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Kind::Internal => "INTERNAL_ERROR",
             Kind::Unauthenticated => "UNAUTHENTICATED",
+            Kind::NotFound => "RESOURCE_DOES_NOT_EXIST",
         },
     }
 }

@@ -1,10 +1,12 @@
-//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests on the same batching path as gRPC
-//! (answered as the embeddings or the zero-shot classification endpoint, `--azure-task`), liveness, readiness (and
-//! MLflow's `/ping` and `/version`) and Prometheus metrics.
+//! The HTTP gateway: the Azure ML `/score` and MLflow `/invocations` requests (answered as the embeddings or the
+//! zero-shot classification endpoint, `--azure-task`) and the OpenAI embeddings API (`/v1/embeddings`,
+//! `/v1/models`) on the same batching path as gRPC, liveness, readiness (and MLflow's `/ping` and `/version`) and
+//! Prometheus metrics.
 
 pub mod azure;
 pub mod listener;
 pub mod mlflow;
+pub mod openai;
 mod panic;
 
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use crate::batching::BudgetPermit;
 use crate::config::AzureTask;
 use crate::engine::{Admission, EmbedOptions, Engine};
 use crate::error::{Error, Reason};
+use crate::telemetry::layer::CallStart;
+use crate::timing::Stages;
 use crate::zeroshot::{Classifier, ClassifyOptions};
 
 /// What the HTTP handlers share.
@@ -57,6 +61,14 @@ pub fn router(state: HttpState) -> Router {
         .route("/invocations", post(invocations))
         .route_layer(from_fn_with_state((state.clone(), Protocol::Mlflow), authorize))
         .route_layer(layer_fn(|inner| panic::CatchPanic(inner, mlflow::error_response)));
+    // OpenAI's routes answer every error in OpenAI's shape, the API key's and a caught panic's included.
+    openai::created();
+    let openai = Router::new()
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*id}", get(openai::model))
+        .route_layer(from_fn_with_state(state.clone(), openai::authorize))
+        .route_layer(layer_fn(|inner| panic::CatchPanic(inner, openai::error_response)));
     Router::new()
         .route("/", get(live))
         .route("/health", get(live))
@@ -66,6 +78,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(prometheus_metrics))
         .merge(score)
         .merge(invocations)
+        .merge(openai)
         .with_state(state)
         .layer(layer_fn(|inner| panic::CatchPanic(inner, Error::into_response)))
 }
@@ -141,6 +154,22 @@ impl IntoResponse for Error {
     }
 }
 
+/// `response` with a call's timings in its headers (see [`crate::timing`]): the call's own time since `arrival`,
+/// and its items' stages when they are known.
+fn with_timing(mut response: Response, arrival: Instant, stages: Option<&Stages>) -> Response {
+    for (name, value) in crate::timing::headers(arrival, stages) {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+/// When the metrics layer saw the call arrive (now, without it).
+fn arrival(request: &Request) -> Instant {
+    request.extensions().get::<CallStart>().map_or_else(Instant::now, |s| s.0)
+}
+
 const SCORE_KEYS: &[&str] = &["input_data", "dataframe_split"];
 
 async fn score(State(state): State<HttpState>, request: Request) -> Response {
@@ -153,8 +182,9 @@ async fn invocations(State(state): State<HttpState>, request: Request) -> Respon
 
 async fn embed_frame(state: &HttpState, request: Request, protocol: Protocol) -> Response {
     // Counted (clipserve_requests_total) by the request metrics layer around the router.
+    let arrival = arrival(&request);
     match run_frame(state, request, protocol).await {
-        Ok(rows) => protocol.answer(rows),
+        Ok((rows, stages)) => with_timing(protocol.answer(rows), arrival, stages.as_ref()),
         Err(failure) => protocol.fail(failure),
     }
 }
@@ -168,8 +198,13 @@ enum BodyKind {
 }
 
 /// Runs a scoring call: reads and parses its body, embeds its rows, and makes the answer's rows (one per row, in
-/// row order, only the keys the row asked for), whatever the protocol.
-async fn run_frame(state: &HttpState, request: Request, protocol: Protocol) -> Result<Vec<azure::AnswerRow>, Failure> {
+/// row order, only the keys the row asked for), whatever the protocol, with the stages of its items' time when
+/// they are known.
+async fn run_frame(
+    state: &HttpState,
+    request: Request,
+    protocol: Protocol,
+) -> Result<(Vec<azure::AnswerRow>, Option<Stages>), Failure> {
     let kind = match protocol {
         Protocol::Azure => BodyKind::Azure,
         // The body is not read when its type is refused: the connection closes after the answer.
@@ -193,12 +228,13 @@ async fn run_frame(state: &HttpState, request: Request, protocol: Protocol) -> R
     Ok(answer_rows(state, request, budget).await?)
 }
 
-/// The answer's rows for a parsed request, one per row in row order, as the configured flavour answers them.
+/// The answer's rows for a parsed request, one per row in row order, as the configured flavour answers them, and
+/// the stages of the items' time (embeddings; the zero-shot flavour reports only the call's total).
 pub async fn answer_rows(
     state: &HttpState,
     request: azure::ScoreRequest,
     budget: BudgetPermit,
-) -> Result<Vec<azure::AnswerRow>, Error> {
+) -> Result<(Vec<azure::AnswerRow>, Option<Stages>), Error> {
     let item_label = |row: usize, _: &str| format!("row {row}");
     match state.azure_task {
         AzureTask::Embeddings => {
@@ -210,8 +246,10 @@ pub async fn answer_rows(
                 budget,
                 item_label,
             };
-            let results = state.engine.embed(request.items, options).await?;
-            results.into_iter().map(|r| r.map(|o| azure::AnswerRow::Embeddings(o.into()))).collect()
+            let outputs =
+                state.engine.embed(request.items, options).await?.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let stages = Stages::of(outputs.iter().map(|o| &o.timing));
+            Ok((outputs.into_iter().map(|o| azure::AnswerRow::Embeddings(o.into())).collect(), Some(stages)))
         }
         AzureTask::ZeroShotImageClassification => {
             let mut items = request.items;
@@ -232,10 +270,11 @@ pub async fn answer_rows(
             let options = ClassifyOptions { deadline: None, budget, item_label };
             let answers = state.classifier.classify(items, &labels, None, options).await?;
             let labels = azure::Labels(labels.into());
-            Ok(answers
+            let rows = answers
                 .into_iter()
                 .map(|a| azure::AnswerRow::ZeroShot(azure::ZeroShotRow { probs: a.probs, labels: labels.clone() }))
-                .collect())
+                .collect();
+            Ok((rows, None))
         }
     }
 }
@@ -329,6 +368,19 @@ async fn parse_body(
     tokio::task::spawn_blocking(parse)
         .await
         .unwrap_or_else(|_| Err(Error::new(Reason::ShuttingDown, "server is shutting down")))
+}
+
+/// Runs `f` on a body: on the runtime when it is small, else on a blocking thread.
+async fn off_runtime<T: Send + 'static>(
+    body: Vec<u8>,
+    f: impl FnOnce(Vec<u8>) -> T + Send + 'static,
+) -> Result<T, Error> {
+    if body.len() <= PARSE_INLINE_BYTES {
+        return Ok(f(body));
+    }
+    tokio::task::spawn_blocking(move || f(body))
+        .await
+        .map_err(|_| Error::new(Reason::ShuttingDown, "server is shutting down"))
 }
 
 /// Liveness: 200 while the process serves.

@@ -153,12 +153,11 @@ fn fail_forever(batcher: &Batcher) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batching::{BatcherConfig, ImageInput, TextInput};
+    use crate::batching::{BatcherConfig, ImageInput, JobReceiver, Reply, TextInput};
     use crate::error::Kind as ErrorKind;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
-    use tokio::sync::oneshot;
 
     /// Embeds each text as [sum of ids, batch size]; fails batches holding id 666; panics on id 999; reports CUDA
     /// out of memory for text batches larger than `max_texts`.
@@ -190,8 +189,8 @@ mod tests {
         }))
     }
 
-    fn send_text(b: &Batcher, ids: Vec<i64>) -> oneshot::Receiver<Result<Vec<f32>, Error>> {
-        let (tx, rx) = oneshot::channel();
+    fn send_text(b: &Batcher, ids: Vec<i64>) -> JobReceiver {
+        let (tx, rx) = Reply::channel();
         b.push_text(Job::new(TextInput { ids }, None, tx));
         rx
     }
@@ -214,14 +213,14 @@ mod tests {
     fn queued_items_share_a_batch_and_each_gets_its_own_result() {
         let b = batcher(16);
         let rxs: Vec<_> = (0..5i64).map(|i| send_text(&b, vec![i, 10])).collect();
-        let (tx, img_rx) = oneshot::channel();
+        let (tx, img_rx) = Reply::channel();
         b.push_image(Job::new(ImageInput { pixels: vec![1.5, 2.5] }, None, tx));
         b.close();
         work(&b, 64, false);
         for (i, rx) in rxs.into_iter().enumerate() {
-            assert_eq!(rx.blocking_recv().unwrap().unwrap(), vec![i as f32 + 10.0, 5.0]);
+            assert_eq!(rx.blocking_recv().unwrap().unwrap().vector, vec![i as f32 + 10.0, 5.0]);
         }
-        assert_eq!(img_rx.blocking_recv().unwrap().unwrap(), vec![4.0, 1.0]);
+        assert_eq!(img_rx.blocking_recv().unwrap().unwrap().vector, vec![4.0, 1.0]);
     }
 
     #[test]
@@ -238,7 +237,7 @@ mod tests {
         assert!(
             matches!(panicking.blocking_recv().unwrap(), Err(e) if e.kind() == ErrorKind::Internal && e.message().contains("panicked"))
         );
-        assert_eq!(good.blocking_recv().unwrap().unwrap(), vec![1.0, 1.0]);
+        assert_eq!(good.blocking_recv().unwrap().unwrap().vector, vec![1.0, 1.0]);
         assert_eq!(replacements, 1, "the panicking backend is replaced once");
         assert_eq!(healthy_after, 0, "the worker has stopped");
     }
@@ -262,7 +261,7 @@ mod tests {
         assert!(panicking.blocking_recv().unwrap().is_err());
         assert_eq!(health.healthy_workers(), 0, "the failure was answered while the worker still counted as healthy");
         let later = send_text(&b, vec![5]);
-        assert_eq!(later.blocking_recv().unwrap().unwrap(), vec![5.0, 1.0]);
+        assert_eq!(later.blocking_recv().unwrap().unwrap().vector, vec![5.0, 1.0]);
         assert_eq!(health.healthy_workers(), 1, "healthy again once replaced");
         b.close();
         worker.join().unwrap();
@@ -276,7 +275,7 @@ mod tests {
         b.close();
         work(&b, 3, false); // batches of more than 3 run out of memory
         for (i, rx) in rxs.into_iter().enumerate() {
-            let v = rx.blocking_recv().unwrap().unwrap();
+            let v = rx.blocking_recv().unwrap().unwrap().vector;
             assert_eq!(v[0], i as f32);
             assert!(v[1] <= 3.0, "ran in a batch of {}", v[1]);
         }
