@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets clipserve up on a fresh machine: the Python virtualenv (.venv: torch 2.11.0, whose libtorch the server
-# links, transformers, pillow, numpy, pyarrow, grpcio, openai, mlflow-skinny with pandas and scipy for the tests of
-# MLflow's client, and open_clip_torch for CLIP's BPE vocabulary), the release binary, and the default model in
-# models/clip-vit-base-patch32. Idempotent: a second run reuses what exists.
+# Sets clipserve up on a fresh machine: nasm (the assembler of libjpeg-turbo's SIMD code; installed with apt-get
+# when missing and running as root on Debian/Ubuntu), the Python virtualenv (.venv: torch 2.11.0, whose libtorch
+# the server links, transformers, pillow, numpy, pyarrow, grpcio, openai, mlflow-skinny with pandas and scipy for
+# the tests of MLflow's client, and open_clip_torch for CLIP's BPE vocabulary), the release binary, and the default
+# model in models/clip-vit-base-patch32. Idempotent: a second run reuses what exists.
 #
 #   deploy/setup.sh                   everything
 #   CLIPSERVE_SKIP_MODEL=1 deploy/setup.sh   no default model export (the tests export their own)
@@ -14,6 +15,17 @@ log() { echo "[setup] $*" >&2; }
 
 if ! command -v cargo >/dev/null; then
   log "cargo not found: install Rust (https://rustup.rs) first"; exit 1
+fi
+# Without nasm the JPEG decoder would still build, silently without its SIMD code and several times slower.
+if ! command -v nasm >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing nasm (apt-get), the assembler of libjpeg-turbo's SIMD code"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm >/dev/null
+  else
+    log "nasm not found: install it first (Debian/Ubuntu: sudo apt-get install nasm; Fedora: sudo dnf install nasm)"
+    exit 1
+  fi
 fi
 if [ ! -x .venv/bin/python ]; then
   log "creating the virtualenv .venv"

@@ -10,6 +10,21 @@
 
 Writes a markdown table (throughput, latency percentiles, ratios) to --out and prints it.
 Run it with the project's virtualenv: .venv/bin/python dev/benchmark.py
+
+Then the image pipeline per core (--preprocess-only runs just this part), on three photo-like JPEGs (quality 88:
+640x480, 1280x960, 3000x2000, made by dev/make_test_photos.py), side by side in one run, in interleaved
+rounds (median of --rounds), every process pinned to one core and its rate counted per second of the CPU time
+it used (so other load on the machine matters less):
+
+  - Pillow + transformers' CLIPImageProcessor, Pillow path (`CLIPImageProcessorPil`, what the exact mode
+    reproduces), from encoded bytes to the pixel tensor;
+  - the same with torchvision importable, which makes CLIPImageProcessor resize with torchvision (torchvision
+    0.26.0 is installed with --no-deps into target/bench-torchvision for this, never into the virtualenv);
+  - `clipserve bench --preprocess` (exact and fast): the pipeline alone, one thread, with the time per stage;
+  - clipserve serve --preprocess exact|fast, --cpu-threads 1, the tiny test model on CPU, loaded over gRPC by
+    `clipserve bench` on another core: images answered per CPU second of the server process (all its threads).
+
+and the projection to a 16-core host against the H100's model stage (about 27k img/s at batch 256).
 """
 
 import argparse
@@ -29,6 +44,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "clipserve"
 CONCURRENCY = [1, 8, 64]
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TORCHVISION_DIR = ROOT / "target" / "bench-torchvision"
+# The H100 figure the projection compares with (ViT-B/32 image tower, fp16, batch 256; shared/ENVIRONMENT.md).
+H100_IMAGES_PER_SECOND = 27_000
+PIPELINE_SIZES = [(640, 480), (1280, 960), (3000, 2000)]
 
 
 def log(msg: str) -> None:
@@ -55,12 +78,12 @@ def run_json(args: list[str]) -> dict:
 
 
 class Server:
-    def __init__(self, model: Path, device: str, extra: list[str]):
+    def __init__(self, model: Path, device: str, extra: list[str], cpu: int | None = None):
         self.proc = subprocess.Popen(
             # The load repeats its inputs: without the content cache, every item costs its preprocessing and forward.
             [str(BIN), "serve", "--model", str(model), "--device", device, "--grpc-addr", "127.0.0.1:0",
              "--http-addr", "127.0.0.1:0", "--cache-mb", "0", *extra],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE, text=True, preexec_fn=None if cpu is None else pin(cpu),
         )
         for line in self.proc.stderr:
             if line.startswith("listening "):
@@ -135,6 +158,222 @@ def python_reference(model_dir: Path, jpeg: bytes, texts: list[str], batch: int,
                            "p99": float(np.percentile(lat, 99))}}
 
 
+def pin(cpu: int):
+    """A preexec_fn pinning a child process to one CPU."""
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def python_preprocess(paths: list[str], seconds: float) -> list[dict]:
+    """In a child process: transformers' CLIPImageProcessor from encoded bytes to the pixel tensor, per image,
+    counted per CPU second of this process. The backend is the one transformers picks (see the callers)."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    torch.set_num_threads(1)
+    processor = CLIPImageProcessor()
+    out = []
+    for path in paths:
+        data = Path(path).read_bytes()
+
+        def step():
+            return processor(images=[Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"]
+
+        step()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < seconds or n < 3:
+            step()
+            n += 1
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        out.append({"image": path, "per_core": n / cpu, "wall": n / wall, "backend": type(processor).__name__})
+    return out
+
+
+def ensure_torchvision() -> bool:
+    """torchvision 0.26.0 (the one torch 2.11.0 goes with) in target/bench-torchvision, installed without its
+    dependencies so that torch stays as it is; False when it cannot be installed."""
+    if (TORCHVISION_DIR / "torchvision").is_dir():
+        return True
+    log(f"installing torchvision==0.26.0 --no-deps into {TORCHVISION_DIR} (for the torchvision-backend row)")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                        str(TORCHVISION_DIR), "torchvision==0.26.0"])
+    return r.returncode == 0
+
+
+def python_reference_rates(paths: list[str], torchvision: bool, seconds: float, cpu: int) -> list[dict]:
+    env = dict(os.environ)
+    if torchvision:
+        env["PYTHONPATH"] = str(TORCHVISION_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    else:
+        env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, __file__, "--python-preprocess", json.dumps([paths, seconds])], env=env,
+                         check=True, capture_output=True, text=True, preexec_fn=pin(cpu))
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    want = "CLIPImageProcessor" if torchvision else "CLIPImageProcessorPil"
+    if rows[0]["backend"] != want:
+        raise SystemExit(f"expected transformers to pick {want}, got {rows[0]['backend']}")
+    return rows
+
+
+def fidelity_section() -> str:
+    """The fast path's distance from the exact one, as tests/fidelity.rs last measured it."""
+    path = ROOT / "target" / "test-photos" / "fidelity.json"
+    lines = ["## Fidelity of `--preprocess fast`", ""]
+    if not path.exists():
+        return "\n".join(lines + ["Not measured yet: run `cargo test --release --test fidelity` (or dev/test.sh), "
+                                   "then this script again.", ""])
+    f = json.loads(path.read_text())
+    lines += [
+        f"From `tests/fidelity.rs` (`cargo test --release --test fidelity -- --nocapture` prints every image): "
+        f"{f['images']} images from `dev/make_test_photos.py` (JPEGs of 200x150 to 3000x2000, panoramas and "
+        "tall strips, gray, 4:2:0 / 4:2:2 / 4:4:4, progressive, qualities 60 to 98, CMYK; PNG and WebP). The "
+        f"fast path decodes {f['jpegs_scaled']} of them scaled; the others (other formats, CMYK, JPEGs whose short "
+        "side is under 447 pixels) come out identical to the exact path.",
+        "",
+        "| over the scaled JPEGs | fast vs exact |",
+        "| --- | ---: |",
+        f"| worst max difference of a normalised pixel | {f['worst_max_pixel_difference']:.4f} "
+        f"({f['worst_max_pixel_difference_image']}) |",
+        f"| mean absolute difference of a normalised pixel | {f['mean_absolute_difference']:.5f} |",
+        f"| worst cosine of the embeddings (ViT-B/32, {f['weights']}) | {f['worst_cosine']:.6f} "
+        f"({f['worst_cosine_image']}) |",
+        "",
+        "Normalised pixels span about 4 units (one 8-bit level is about 0.015). The full-size model has seeded random "
+        "weights here (no hub access): its embeddings have no meaning, and trained weights may be more or less "
+        "sensitive to these differences.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def pipeline_benchmark(args) -> str:
+    """The per-core image pipeline table (see the module docstring)."""
+    from make_test_photos import photo_like
+
+    ncpu = len(os.sched_getaffinity(0))
+    server_cpu, client_cpu = sorted(os.sched_getaffinity(0))[0], sorted(os.sched_getaffinity(0))[-1]
+    work = Path(tempfile.mkdtemp(prefix="clipserve-pipeline-"))
+    paths = []
+    for w, h in PIPELINE_SIZES:
+        path = work / f"{w}x{h}.jpg"
+        photo_like(w, h, seed=0).save(path, "JPEG", quality=88)
+        paths.append(str(path))
+    sizes = {p: Path(p).stat().st_size for p in paths}
+    torchvision = ensure_torchvision()
+    tiny = ROOT / "target" / "test-models" / "tiny"
+    servers = {mode: Server(tiny, "cpu", ["--preprocess", mode, "--cpu-threads", "1", "--torch-threads", "1"],
+                            cpu=server_cpu) for mode in ["exact", "fast"]}
+    samples: dict = {}
+
+    def add(name, path, value):
+        samples.setdefault((name, path), []).append(value)
+
+    try:
+        for rnd in range(args.rounds):
+            log(f"pipeline round {rnd + 1}/{args.rounds}")
+            for r in python_reference_rates(paths, False, args.pipeline_seconds, server_cpu):
+                add("pil", r["image"], r["per_core"])
+            if torchvision:
+                for r in python_reference_rates(paths, True, args.pipeline_seconds, server_cpu):
+                    add("torchvision", r["image"], r["per_core"])
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                subprocess.run([str(BIN), "bench", "--preprocess", *paths, "--duration", f"{args.pipeline_seconds}s",
+                                "--json", f.name], check=True, stdout=subprocess.DEVNULL, preexec_fn=pin(server_cpu))
+                report = json.loads(Path(f.name).read_text())
+            for r in report["results"]:
+                add(f"bench-{r['mode']}", r["image"], r["images_per_second"])
+                add(f"stages-{r['mode']}", r["image"], r["stages_ms"])
+            for mode, server in servers.items():
+                for path in paths:
+                    c0 = cpu_seconds(server.proc.pid)
+                    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                        subprocess.run([str(BIN), "bench", "--server", f"http://{server.grpc}", "--kind", "image",
+                                        "--image", path, "--concurrency", "4", "--items", "8", "--duration",
+                                        f"{args.pipeline_seconds}s", "--warmup", "0s", "--json", f.name],
+                                       check=True, stdout=subprocess.DEVNULL, preexec_fn=pin(client_cpu))
+                        r = json.loads(Path(f.name).read_text())
+                    used = cpu_seconds(server.proc.pid) - c0
+                    if r["requests_failed"]:
+                        raise SystemExit(f"server {mode}: {r['errors'][:3]}")
+                    add(f"server-{mode}", path, r["requests_ok"] * r["items_per_request"] / max(used, 1e-9))
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    def med(name, path):
+        values = samples.get((name, path))
+        return float(np.median(values)) if values else float("nan")
+
+    def gmean(name):
+        return float(np.exp(np.mean([np.log(med(name, p)) for p in paths])))
+
+    def stages(mode, path):
+        s = samples[(f"stages-{mode}", path)]
+        return {k: float(np.median([x[k] for x in s])) for k in ["decode", "resize", "normalize"]}
+
+    ref_names = ["pil"] + (["torchvision"] if torchvision else [])
+    best_ref = {p: max(med(n, p) for n in ref_names) for p in paths}
+    best_ref_g = float(np.exp(np.mean([np.log(best_ref[p]) for p in paths])))
+    label = {"pil": "Pillow + CLIPImageProcessor (Pillow path)",
+             "torchvision": "Pillow + CLIPImageProcessor (torchvision backend)",
+             "bench-exact": "clipserve exact (`bench --preprocess`)", "bench-fast": "clipserve fast (`bench --preprocess`)",
+             "server-exact": "clipserve exact, server (1 preprocessing thread, tiny model)",
+             "server-fast": "clipserve fast, server (1 preprocessing thread, tiny model)"}
+    names = ref_names + ["bench-exact", "bench-fast", "server-exact", "server-fast"]
+    head = [f"{w}x{h} ({sizes[p] // 1000} KB)" for (w, h), p in zip(PIPELINE_SIZES, paths)]
+    lines = [
+        "## Image pipeline per core",
+        "",
+        f"Written by `dev/benchmark.py --preprocess-only` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU core(s). Photo-like JPEGs (quality 88, 4:2:0) from `dev/make_test_photos.py`, "
+        "encoded bytes to the model's input tensor. Images per second per core: every process pinned to one core "
+        f"(the server on CPU {server_cpu}, its load generator on CPU {client_cpu}), its images divided by the CPU "
+        f"time it used; median of {args.rounds} interleaved rounds of {args.pipeline_seconds:.0f} s per row and "
+        "image. Server rows: `clipserve serve --preprocess MODE --cpu-threads 1 --torch-threads 1` on the tiny test "
+        "model, loaded over gRPC (4 calls of 8 images in flight), counted per CPU second of the whole server "
+        "(gRPC, batching and the model included).",
+        "",
+        "| path | " + " | ".join(head) + " | geometric mean |",
+        "| --- | " + " | ".join("---:" for _ in head) + " | ---: |",
+    ]
+    for n in names:
+        lines.append(f"| {label[n]} | " + " | ".join(f"{med(n, p):.1f}" for p in paths) + f" | {gmean(n):.1f} |")
+    lines += ["", "Ratios to the faster Python reference for each image "
+              f"({', '.join(label[n].split('(')[1].rstrip(')') for n in ref_names)}; geometric mean "
+              f"{best_ref_g:.1f} img/s):", "",
+              "| clipserve | " + " | ".join(head) + " | geometric mean |",
+              "| --- | " + " | ".join("---:" for _ in head) + " | ---: |"]
+    for n in ["bench-exact", "bench-fast", "server-exact", "server-fast"]:
+        lines.append(f"| {label[n]} | " + " | ".join(f"{med(n, p) / best_ref[p]:.2f}x" for p in paths)
+                     + f" | {gmean(n) / best_ref_g:.2f}x |")
+    lines += ["", "Time per image and stage (`clipserve bench --preprocess`, CPU ms; normalisation is fused into the "
+              "last resize pass and timed apart):", "",
+              "| mode | " + " | ".join(head) + " |", "| --- | " + " | ".join("---" for _ in head) + " |"]
+    for mode in ["exact", "fast"]:
+        cells = []
+        for p in paths:
+            st = stages(mode, p)
+            cells.append(f"decode {st['decode']:.2f}, resize {st['resize']:.2f}, normalise {st['normalize']:.3f}")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines += ["", f"Projection to a 16-core host (16 x the per-core rate of the server rows; the H100's model stage "
+              f"takes about {H100_IMAGES_PER_SECOND // 1000}k img/s):", "",
+              "| path | " + " | ".join(head) + " | cores to feed the H100 (geometric mean) |",
+              "| --- | " + " | ".join("---:" for _ in head) + " | ---: |"]
+    for n in ref_names + ["server-exact", "server-fast"]:
+        lines.append(f"| {label[n]} | " + " | ".join(f"{16 * med(n, p):,.0f} img/s" for p in paths)
+                     + f" | {H100_IMAGES_PER_SECOND / gmean(n):.0f} |")
+    lines += ["", "Command: `.venv/bin/python dev/benchmark.py --preprocess-only` (after `dev/test.sh`, which "
+              "exports the tiny model); `clipserve bench --preprocess IMAGE...` prints the same per-core rates and "
+              "stages for any image.", ""]
+    return "\n".join(lines) + "\n" + fidelity_section()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "target" / "test-models" / "vit-b32",
@@ -142,7 +381,24 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per row")
     ap.add_argument("--out", type=Path, default=ROOT / "dev" / "BENCHMARKS.md")
+    ap.add_argument("--preprocess-only", action="store_true",
+                    help="measure only the image pipeline table, and replace that section of --out")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the image pipeline table")
+    ap.add_argument("--pipeline-seconds", type=float, default=3.0, help="seconds per row, image and round")
+    ap.add_argument("--python-preprocess", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.python_preprocess:
+        paths, seconds = json.loads(args.python_preprocess)
+        print(json.dumps(python_preprocess(paths, seconds)))
+        return
+    if args.preprocess_only:
+        table = pipeline_benchmark(args)
+        old = args.out.read_text() if args.out.exists() else "# clipserve benchmark\n"
+        marker = "## Image pipeline per core"
+        text = (old.split(marker)[0].rstrip() + "\n\n" if marker in old else old.rstrip() + "\n\n") + table
+        args.out.write_text(text)
+        print(table)
+        return
     if not (args.model / "hf").is_dir():
         raise SystemExit(f"{args.model}/hf missing: export with deploy/export_model.py --save-hf (dev/test.sh does)")
 
@@ -227,6 +483,7 @@ def main() -> None:
                      f"endpoint serves one-item calls); {e2e / py_best:.2f}x the best Python batch row "
                      f"({py_best:.1f} items/s).")
     text = "\n".join(lines) + "\n"
+    text += "\n" + pipeline_benchmark(args)
     # The file's GPU section is dev/gpu_benchmark.py's documentation: kept as it is.
     old = args.out.read_text() if args.out.exists() else ""
     gpu = old.find("\n## GPU benchmark")

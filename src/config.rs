@@ -144,7 +144,7 @@ pub struct ServeArgs {
 
     /// Time a client has to send a request's headers on the HTTP listener, from their first byte (from the opening
     /// of the connection for its first request); the connection is closed past it. On the gRPC listener, the time
-    /// a new connection has to send its first bytes.
+    /// a new connection has to send its first bytes. With TLS, also the time a handshake may take.
     #[arg(long, env = "CLIPSERVE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http_header_timeout: Duration,
 
@@ -171,6 +171,57 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIPSERVE_MAX_GRPC_CONNECTIONS", default_value_t = 4096)]
     pub max_grpc_connections: usize,
 
+    /// Serve TLS on both listeners with this certificate chain (PEM, the server's certificate first); needs
+    /// --tls-key. The files are watched (see --tls-reload-interval): a renewed certificate is used for new
+    /// connections without dropping open ones. Without it both listeners speak plaintext (h2c for gRPC), as meshes
+    /// whose sidecars encrypt expect.
+    #[arg(long, env = "CLIPSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, env = "CLIPSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: refuse clients (on both listeners) that do not present a certificate signed by one of these CA
+    /// certificates (PEM). Needs --tls-cert.
+    #[arg(long, env = "CLIPSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for changes (size, modification time, inode). A change that does not
+    /// load (unreadable, not PEM, key not matching the certificate) keeps the certificate in use and is logged.
+    #[arg(long, env = "CLIPSERVE_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// A plaintext listener for probes and scrapers that cannot speak (mutual) TLS: GET /health, /ready and
+    /// /metrics only, never the scoring routes. Off unless set.
+    #[arg(long, env = "CLIPSERVE_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+
+    /// Connections on both listeners are asked to go away (HTTP/2 GOAWAY, at the first moment with no call in
+    /// flight within a tenth of the age; HTTP/1.1: `connection: close` on the next response) after about this
+    /// long, so that clients reconnect and spread over replicas added since. Each connection's age is jittered by
+    /// up to 10% either way; 0 never recycles.
+    #[arg(long, env = "CLIPSERVE_MAX_CONNECTION_AGE", default_value = "5m", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// Time calls in flight on a connection past its --max-connection-age get to finish before it is closed.
+    #[arg(long, env = "CLIPSERVE_MAX_CONNECTION_AGE_GRACE", default_value = "1h", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// A gRPC connection with no call in flight for this long is asked to go away (GOAWAY); 0 never. (HTTP
+    /// connections have --http-idle-timeout.)
+    #[arg(long, env = "CLIPSERVE_MAX_CONNECTION_IDLE", default_value = "5m", value_parser = parse_duration)]
+    pub max_connection_idle: Duration,
+
+    /// HTTP/2 keepalive: on both listeners, a PING is sent on a connection that has been quiet this long; 0 sends
+    /// none.
+    #[arg(long, env = "CLIPSERVE_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A connection whose peer does not answer a keepalive PING within this long is closed.
+    #[arg(long, env = "CLIPSERVE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
     /// Require this API key: `Authorization: Bearer KEY` on /score, /invocations and /v1/*, `authorization: Bearer
     /// KEY` metadata on gRPC Embedder calls. Liveness, readiness, metrics and gRPC health stay open.
     #[arg(long, env = "CLIPSERVE_API_KEY", hide_env_values = true)]
@@ -181,6 +232,10 @@ pub struct ServeArgs {
     /// once are computed once. An entry of 512 floats costs about 2.2 KB. 0 disables the cache.
     #[arg(long, env = "CLIPSERVE_CACHE_MB", default_value_t = 64)]
     pub cache_mb: usize,
+    /// Image preprocessing: exact (the default) or fast (several times faster on large JPEG photos, pixels
+    /// slightly different: the README gives the measured distance).
+    #[arg(long, env = "CLIPSERVE_PREPROCESS", value_enum, default_value = "exact")]
+    pub preprocess: crate::inputs::image::PreprocessMode,
 
     /// Threads decoding, preprocessing and tokenizing; 0 means one per core.
     #[arg(long, env = "CLIPSERVE_CPU_THREADS", default_value_t = 0)]

@@ -9,7 +9,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.parse::<f64>().is_ok_and(|v| v == 0.0) {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 0, 250us, 2ms, 1.5s, 1m)"))
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 0, 250us, 2ms, 1.5s, 1m, 1h)"))
 }
 
 #[cfg(test)]
@@ -37,7 +37,7 @@ mod tests {
 
     #[test]
     fn what_is_refused() {
-        for bad in ["", "5", "1.5", "fast", "s", "1.2.3s", "-1s", "1.5parsecs", ".", "0x"] {
+        for bad in ["", "5", "1.5", "fast", "s", "1.2.3s", "-1s", "1.5parsecs", ".", "0x", "99999999999999999999999h"] {
             let err = parse_duration(bad).expect_err(bad);
             assert!(err.contains("invalid duration"), "{bad}: {err}");
         }

@@ -8,7 +8,7 @@ use crate::batching::{AdmissionControl, Batcher, BudgetPermit, Embedded, JobRece
 use crate::cache::ContentCache;
 use crate::error::{Error, Reason};
 use crate::inputs::fetch::UrlFetcher;
-use crate::inputs::image::ImagePreprocessor;
+use crate::inputs::image::{ImagePreprocessor, PreprocessMode};
 use crate::inputs::text::ClipTokenizer;
 use crate::prepare::{PrepareContext, Preparer, RequestWork, Unit, UnitInput};
 use crate::state::ServerState;
@@ -87,6 +87,8 @@ pub struct EngineParts {
     /// The queues the model workers take batches from.
     pub batcher: Arc<Batcher>,
     pub images: ImagePreprocessor,
+    /// `--preprocess`: exact or fast image preprocessing.
+    pub image_mode: PreprocessMode,
     pub tokenizer: ClipTokenizer,
     pub fetcher: UrlFetcher,
     pub limits: Limits,
@@ -133,6 +135,7 @@ impl Engine {
         let EngineParts {
             batcher,
             images,
+            image_mode,
             tokenizer,
             fetcher,
             limits,
@@ -144,7 +147,8 @@ impl Engine {
         } = parts;
         anyhow::ensure!(limits.max_queued_items > 0, "--max-queued-items must be at least 1");
         let cache = ContentCache::new(cache_bytes, info.embedding_dim);
-        let context = PrepareContext { images, tokenizer, batcher, inject_panic_on_text, cache: cache.clone() };
+        let context =
+            PrepareContext { images, image_mode, tokenizer, batcher, inject_panic_on_text, cache: cache.clone() };
         let preparer = Preparer::start(cpu_threads, context)?;
         Ok(Engine {
             preparer: Arc::new(preparer),

@@ -22,6 +22,7 @@ pub mod server;
 pub mod state;
 pub mod telemetry;
 pub mod timing;
+pub mod tls;
 pub mod zeroshot;
 
 /// Code generated from `proto/clipserve/v1/clipserve.proto`.

@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::batching::{Batcher, BudgetPermit, ImageInput, Job, Reply, TextInput, Ticket};
 use crate::cache::{CacheKey, Claim, ContentCache, Parked};
 use crate::error::{Error, Reason};
-use crate::inputs::image::{decode_base64, ImagePreprocessor};
+use crate::inputs::image::{decode_base64, ImagePreprocessor, PreprocessMode};
 use crate::inputs::text::ClipTokenizer;
 use crate::inputs::ImageSource;
 use crate::telemetry;
@@ -51,6 +51,7 @@ pub struct Unit {
 /// What preparing needs.
 pub struct PrepareContext {
     pub images: ImagePreprocessor,
+    pub image_mode: PreprocessMode,
     pub tokenizer: ClipTokenizer,
     pub batcher: Arc<Batcher>,
     /// Testing only: tokenizing exactly this text panics.
@@ -381,7 +382,9 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
             UnitInput::Image(source) => {
                 let r = guard("preprocess", format_args!("image of item {index}"), || {
                     let pixels = match source {
-                        ImageSource::Bytes(b) => context.images.preprocess_until(&b, &should_stop),
+                        ImageSource::Bytes(b) => {
+                            context.images.preprocess_mode_until(&b, context.image_mode, &should_stop)
+                        }
                         ImageSource::Base64(_) | ImageSource::Url(_) => {
                             Err(Error::new(Reason::InternalPanic, "image was not resolved to its bytes"))
                         }

@@ -17,7 +17,10 @@ use crate::auth::ApiKey;
 use crate::batching::{Batcher, BatcherConfig};
 use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineParts, Limits, ModelInfo};
+use crate::grpc::compression::{Encoding, GrpcMessagesLayer};
+use crate::grpc::deadline::GrpcDeadlineLayer;
 use crate::grpc::EmbedderService;
+use crate::http::listener::{ConnectionLimits, ListenerConfig};
 use crate::inputs::fetch::{AddressPolicy, FetchConfig, UrlFetcher};
 use crate::inputs::image::ImagePreprocessor;
 use crate::inputs::text::ClipTokenizer;
@@ -27,7 +30,11 @@ use crate::pb;
 use crate::pb::embedder_server::EmbedderServer;
 use crate::state::{ServerState, Status};
 use crate::telemetry::layer::RequestMetricsLayer;
+use crate::tls::{Alpn, Tls, TlsFiles};
 use crate::zeroshot::Classifier;
+
+/// Connections the health listener takes at once (probes and scrapers).
+const HEALTH_CONNECTIONS: usize = 64;
 
 /// The gRPC service whose health `grpc.health.v1` reports.
 type Embedder = EmbedderServer<EmbedderService>;
@@ -155,6 +162,7 @@ fn build_engine(
     Engine::new(EngineParts {
         batcher,
         images,
+        image_mode: args.preprocess,
         tokenizer,
         fetcher,
         limits,
@@ -215,12 +223,14 @@ impl Shutdown {
     }
 }
 
-/// The two bound listeners.
+/// The bound listeners: gRPC, HTTP, and the optional health listener (`--health-addr`).
 struct Listeners {
     grpc: TcpListener,
     http: TcpListener,
+    health: Option<TcpListener>,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    health_addr: Option<SocketAddr>,
 }
 
 /// A server task: it ends only when told to stop, or on failure.
@@ -229,19 +239,35 @@ type ServerTask = JoinHandle<anyhow::Result<()>>;
 async fn serve(args: ServeArgs, parts: Parts) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let listeners = bind(&args).await?;
-    let (grpc_addr, http_addr) = (listeners.grpc_addr, listeners.http_addr);
+    let (grpc_addr, http_addr, health_addr) = (listeners.grpc_addr, listeners.http_addr, listeners.health_addr);
+    let tls = load_tls(&args)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<Embedder>().await;
     let shutdown = Shutdown::new();
     let api_key = ApiKey::new(args.api_key.clone());
     let (max_http, max_grpc) =
         crate::http::listener::fit_file_limit(args.max_http_connections, args.max_grpc_connections);
+    let grpc_config = listener_config(&args, &tls, "grpc", max_grpc, nonzero(args.max_connection_idle), Alpn::Grpc);
     let mut grpc_server =
-        spawn_grpc(&args, &parts, listeners.grpc, max_grpc, health_service, api_key.clone(), &shutdown)?;
-    let mut http_server = spawn_http(&args, &parts, listeners.http, max_http, metrics, api_key, &shutdown);
+        spawn_grpc(&args, &parts, listeners.grpc, grpc_config, health_service, api_key.clone(), &shutdown)?;
+    let http_state = http_state(&args, &parts, metrics, api_key);
+    if let Some(listener) = listeners.health {
+        let config =
+            listener_config(&args, &tls, "health", HEALTH_CONNECTIONS, Some(args.http_idle_timeout), Alpn::Http);
+        let app = crate::http::probe_router(http_state.clone()).layer(RequestMetricsLayer::http());
+        tokio::spawn(crate::http::listener::serve(listener, app, config, shutdown.stopped()));
+    }
+    let http_config = listener_config(&args, &tls, "http", max_http, Some(args.http_idle_timeout), Alpn::Http);
+    let mut http_server = spawn_http(http_state, listeners.http, http_config, &shutdown);
     // The one line scripts and tests look for.
-    eprintln!("listening grpc={grpc_addr} http={http_addr}");
-    tracing::info!(%grpc_addr, %http_addr, model = %args.model.display(), "serving; loading the model");
+    match health_addr {
+        Some(health) => eprintln!("listening grpc={grpc_addr} http={http_addr} health={health}"),
+        None => eprintln!("listening grpc={grpc_addr} http={http_addr}"),
+    }
+    tracing::info!(
+        %grpc_addr, %http_addr, model = %args.model.display(), preprocess = args.preprocess.name(),
+        "serving; loading the model"
+    );
 
     let Some(pool) = load_model(&parts).await? else {
         tracing::info!("signal received while loading; exiting");
@@ -295,28 +321,80 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(metrics)
 }
 
-/// Binds both listeners (port 0 picks a free port).
+/// Binds the listeners (port 0 picks a free port).
 async fn bind(args: &ServeArgs) -> anyhow::Result<Listeners> {
     let grpc = TcpListener::bind(args.grpc_addr).await.with_context(|| format!("binding {}", args.grpc_addr))?;
     let http = TcpListener::bind(args.http_addr).await.with_context(|| format!("binding {}", args.http_addr))?;
-    Ok(Listeners { grpc_addr: grpc.local_addr()?, http_addr: http.local_addr()?, grpc, http })
+    let health = match args.health_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?),
+        None => None,
+    };
+    Ok(Listeners {
+        grpc_addr: grpc.local_addr()?,
+        http_addr: http.local_addr()?,
+        health_addr: health.as_ref().map(TcpListener::local_addr).transpose()?,
+        grpc,
+        http,
+        health,
+    })
 }
 
-/// Connection caps and timeouts of one listener.
-fn connection_limits(args: &ServeArgs, max_connections: usize) -> crate::http::listener::ConnectionLimits {
-    crate::http::listener::ConnectionLimits {
-        max_connections,
-        header_timeout: args.http_header_timeout,
-        idle_timeout: args.http_idle_timeout,
+/// The TLS configuration of `--tls-cert` and `--tls-key` (and `--tls-client-ca`), reloaded when the files change;
+/// None for plaintext.
+fn load_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<Tls>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        tracing::info!("plaintext on both listeners (no --tls-cert)");
+        return Ok(None);
+    };
+    let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
+    let tls = Tls::load(files).context("loading the TLS files")?;
+    tokio::spawn(tls.clone().watch(args.tls_reload_interval));
+    if tls.mutual() {
+        tracing::info!("TLS on both listeners; clients need a certificate of the client CA");
+    } else {
+        tracing::info!("TLS on both listeners");
+    }
+    Ok(Some(tls))
+}
+
+/// How the listener `name` serves its connections: caps, timeouts, age, keepalive, and TLS (never on the health
+/// listener).
+fn listener_config(
+    args: &ServeArgs,
+    tls: &Option<Arc<Tls>>,
+    name: &'static str,
+    max_connections: usize,
+    idle_timeout: Option<Duration>,
+    protocols: Alpn,
+) -> ListenerConfig {
+    ListenerConfig {
+        name,
+        limits: ConnectionLimits {
+            max_connections,
+            header_timeout: args.http_header_timeout,
+            idle_timeout,
+            max_age: nonzero(args.max_connection_age),
+            age_grace: args.max_connection_age_grace,
+            keepalive_interval: nonzero(args.http2_keepalive_interval),
+            keepalive_timeout: args.http2_keepalive_timeout,
+        },
+        tls: if name == "health" { None } else { tls.clone() },
+        protocols,
     }
 }
 
-/// Starts the gRPC server: health, reflection and the Embedder service behind the API key.
+/// `d`, or None for zero (a zero duration turns the setting off).
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// Starts the gRPC server: health, reflection and the Embedder service behind the API key. Served per connection
+/// like the HTTP listener (see http::listener), so that TLS, connection age, idle and keepalive are the same on both.
 fn spawn_grpc(
     args: &ServeArgs,
     parts: &Parts,
     listener: TcpListener,
-    max_connections: usize,
+    config: ListenerConfig,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     api_key: ApiKey,
     shutdown: &Shutdown,
@@ -332,35 +410,31 @@ fn spawn_grpc(
         shutdown.closing.subscribe(),
     )
     .with_faults(parts.pool_config.faults.clone());
-    let embedder = InterceptedService::new(
-        EmbedderServer::new(service)
-            .max_decoding_message_size(args.max_message_bytes)
-            .max_encoding_message_size(args.max_message_bytes),
-        crate::auth::grpc_interceptor(api_key),
-    );
-    let server = tonic::transport::Server::builder()
-        .layer(RequestMetricsLayer::grpc())
-        .add_service(health_service)
+    let mut embedder_server = EmbedderServer::new(service)
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+    // Requests are decompressed before tonic sees them (GrpcMessagesLayer); answers are compressed by tonic in the
+    // encoding the layer leaves in `grpc-accept-encoding`. Accepting here only makes tonic list the encodings when it
+    // refuses another one.
+    for encoding in Encoding::ALL {
+        embedder_server = embedder_server.accept_compressed(encoding.tonic()).send_compressed(encoding.tonic());
+    }
+    let embedder = InterceptedService::new(embedder_server, crate::auth::grpc_interceptor(api_key));
+    let app = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(embedder)
-        .serve_with_incoming_shutdown(
-            crate::http::listener::grpc_incoming(listener, connection_limits(args, max_connections)),
-            shutdown.stopped(),
-        );
-    Ok(tokio::spawn(async move { server.await.context("gRPC server") }))
+        .prepare()
+        .into_axum_router()
+        .layer(GrpcMessagesLayer::new(args.max_message_bytes))
+        .layer(GrpcDeadlineLayer)
+        .layer(RequestMetricsLayer::grpc());
+    let server = crate::http::listener::serve(listener, app, config, shutdown.stopped());
+    Ok(tokio::spawn(async move { server.await.context("gRPC listener") }))
 }
 
-/// Starts the HTTP gateway: Azure ML and MLflow scoring, health, readiness and metrics.
-fn spawn_http(
-    args: &ServeArgs,
-    parts: &Parts,
-    listener: TcpListener,
-    max_connections: usize,
-    metrics: PrometheusHandle,
-    api_key: ApiKey,
-    shutdown: &Shutdown,
-) -> ServerTask {
-    let app = crate::http::router(crate::http::HttpState {
+/// What the HTTP routes share.
+fn http_state(args: &ServeArgs, parts: &Parts, metrics: PrometheusHandle, api_key: ApiKey) -> crate::http::HttpState {
+    crate::http::HttpState {
         engine: parts.engine.clone(),
         classifier: parts.classifier.clone(),
         azure_task: args.azure_task,
@@ -370,11 +444,19 @@ fn spawn_http(
         max_text_chars: args.max_text_chars,
         body_timeout: args.http_body_timeout,
         budget_wait: args.http_budget_wait,
-    })
-    .layer(RequestMetricsLayer::http());
-    let server =
-        crate::http::listener::serve_http(listener, app, connection_limits(args, max_connections), shutdown.stopped());
-    tokio::spawn(async move { server.await.context("HTTP server") })
+    }
+}
+
+/// Starts the HTTP gateway: Azure ML, MLflow and OpenAI scoring, health, readiness and metrics.
+fn spawn_http(
+    state: crate::http::HttpState,
+    listener: TcpListener,
+    config: ListenerConfig,
+    shutdown: &Shutdown,
+) -> ServerTask {
+    let app = crate::http::router(state).layer(RequestMetricsLayer::http());
+    let server = crate::http::listener::serve(listener, app, config, shutdown.stopped());
+    tokio::spawn(async move { server.await.context("HTTP listener") })
 }
 
 /// Loads and warms up the model off the runtime, every worker of the pool; `None` when a signal came first.

@@ -374,7 +374,8 @@ async fn a_message_over_the_server_limit_fails_only_the_item_that_does_not_fit()
     assert_eq!(ids(&lines(&output)), sorted(&good), "every item that fits, once");
     let failures = lines(&dir.join("out.errors.jsonl"));
     assert_eq!(ids(&failures), ["img04-big.png"], "{failures:?}");
-    assert_eq!(failures[0]["code"], "OUT_OF_RANGE");
+    assert_eq!(failures[0]["code"], "RESOURCE_EXHAUSTED");
+    assert_eq!(failures[0]["reason"], "REQUEST_TOO_LARGE");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

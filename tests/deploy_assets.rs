@@ -79,6 +79,8 @@ async fn the_kubernetes_manifests_pass_the_offline_schema_validation() {
         "hpa.yaml",
         "pdb.yaml",
         "bulk/embed-job.yaml",
+        "tls/certificates.yaml",
+        "tls/kustomization.yaml: 10 objects built",
     ] {
         assert!(stdout.lines().any(|l| l.starts_with("ok") && l.contains(file)), "{file} was not validated:\n{stdout}");
     }
@@ -113,6 +115,71 @@ async fn the_validator_fails_on_a_broken_manifest() {
     let intact_file = dir.path().join("intact.yaml");
     std::fs::write(&intact_file, &original).unwrap();
     let out = run_python(vec![validator(), intact_file.display().to_string()]).await;
+    assert!(out.status.success(), "{}", report(&out));
+}
+
+/// Copies deploy/kubernetes (with its subfolders) under `dir`.
+fn copy_manifests(dir: &Path) -> PathBuf {
+    let to = dir.join("kubernetes");
+    for entry in walkdir::WalkDir::new(root().join("deploy/kubernetes")) {
+        let entry = entry.unwrap();
+        let relative = entry.path().strip_prefix(root().join("deploy/kubernetes")).unwrap();
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(to.join(relative)).unwrap();
+        } else {
+            std::fs::copy(entry.path(), to.join(relative)).unwrap();
+        }
+    }
+    to
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_validator_checks_the_tls_overlay_as_built() {
+    let dir = TempDir::new("tls-overlay");
+    let edit = |file: &str, from: &str, to: &str| {
+        let k = copy_manifests(dir.path());
+        let path = k.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} has {from}");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        k
+    };
+    let cases = [
+        // Probes on the HTTP port: with mutual TLS the kubelet, which has no client certificate, is refused.
+        ("deployment.yaml", "port: health", "port: http", "not the plaintext health port"),
+        // gRPC probes speak no TLS.
+        (
+            "deployment.yaml",
+            "httpGet:\n              path: /ready\n              port: health",
+            "grpc:\n              port: 50051",
+            "speaks no TLS",
+        ),
+        // The server reads a Secret that no Certificate writes.
+        (
+            "tls/deployment-tls.json",
+            r#""secretName": "clipserve-tls""#,
+            r#""secretName": "clipserve-certs""#,
+            "written by no Certificate",
+        ),
+        // A Certificate without the Secret it writes; one whose issuer is not defined.
+        ("tls/certificates.yaml", "  secretName: clipserve-tls\n", "", "spec.secretName"),
+        (
+            "tls/certificates.yaml",
+            "name: clipserve-selfsigned\n    kind: Issuer",
+            "name: nobody\n    kind: Issuer",
+            "is not defined here",
+        ),
+        // A patch that no longer fits the Deployment.
+        ("tls/deployment-tls.json", "/volumeMounts/-", "/mounts/-", "does not apply"),
+    ];
+    for (file, from, to, why) in cases {
+        let k = edit(file, from, to);
+        let out = run_python(vec![validator(), k.display().to_string(), k.join("tls").display().to_string()]).await;
+        assert!(!out.status.success(), "{file}: {to:?} passed:\n{}", report(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{file}: {}", report(&out));
+    }
+    let k = copy_manifests(dir.path());
+    let out = run_python(vec![validator(), k.display().to_string(), k.join("tls").display().to_string()]).await;
     assert!(out.status.success(), "{}", report(&out));
 }
 

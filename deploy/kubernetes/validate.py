@@ -13,6 +13,13 @@ declares, and a directory's kustomization.yaml lists exactly the manifests besid
 splits the input in exactly `completions` parts, its `--server` names the headless gRPC Service and one of its
 ports, no Service or PodDisruptionBudget selects its pods, and every $(VAR) in its arguments is declared.
 
+cert-manager objects (cert-manager.io/v1 Certificate, Issuer, ClusterIssuer: custom resources, absent from the
+Kubernetes schemas) are checked by hand: their required fields, and that each Certificate's issuer is defined
+beside it. A kustomization's JSON 6902 patches (the TLS overlay, tls/) are applied to the objects of the
+directories it builds on, and the patched objects go through the same schema and consistency checks; a Deployment
+serving TLS must read its files from a mounted Secret that a Certificate here writes, and its probes must reach
+the plaintext health port (kubelet probes present no client certificate, and its gRPC probes speak no TLS).
+
     .venv/bin/python deploy/kubernetes/validate.py                 # the manifests beside this script and
                                                                    # in its subfolders (bulk/)
     .venv/bin/python deploy/kubernetes/validate.py FILE_OR_DIR...  # others (a directory: its *.yaml, *.yml)
@@ -130,6 +137,178 @@ def schema_check(path: Path, doc: dict[str, Any], version: str, problems: Proble
     except utils.VersionNotSupportedError:
         raise SystemExit(f"kubernetes-validate {utils.__version__} has no schemas for Kubernetes {version}")
     return False
+
+
+CERT_MANAGER = "cert-manager.io/v1"
+CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
+ISSUER_TYPES = ("selfSigned", "ca", "acme", "vault", "venafi")
+
+
+def is_cert_manager(doc: dict[str, Any]) -> bool:
+    return doc.get("apiVersion") == CERT_MANAGER and doc.get("kind") in CERT_MANAGER_KINDS
+
+
+def cert_manager_check(path: Path, doc: dict[str, Any], problems: Problems) -> bool:
+    """The fields cert-manager requires of a Certificate, Issuer or ClusterIssuer (by hand: no schema here)."""
+    where = describe(path, doc)
+    spec = doc.get("spec")
+    before = len(problems.items)
+    if not isinstance(spec, dict):
+        problems.add(where, "has no spec")
+        return False
+    if doc["kind"] == "Certificate":
+        if not isinstance(spec.get("secretName"), str) or not spec["secretName"]:
+            problems.add(where, "spec.secretName (the Secret cert-manager writes) is missing")
+        ref = spec.get("issuerRef")
+        if not isinstance(ref, dict) or not ref.get("name"):
+            problems.add(where, "spec.issuerRef.name is missing")
+        elif ref.get("kind", "Issuer") not in ("Issuer", "ClusterIssuer") or ref.get("group", "cert-manager.io") != "cert-manager.io":
+            problems.add(where, f"spec.issuerRef {ref} is not a cert-manager Issuer or ClusterIssuer")
+        names = [spec.get("commonName")] + list(spec.get("dnsNames") or []) + list(spec.get("ipAddresses") or [])
+        if not any(names) and not spec.get("uris") and not spec.get("emailAddresses"):
+            problems.add(where, "names no subject (commonName, dnsNames, ipAddresses, uris or emailAddresses)")
+        for field in ("duration", "renewBefore"):
+            if field in spec and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s|ms))+", str(spec[field])):
+                problems.add(where, f"spec.{field} {spec[field]!r} is not a Go duration such as 2160h")
+        usages = spec.get("usages") or []
+        known = {"digital signature", "key encipherment", "server auth", "client auth", "cert sign", "crl sign",
+                 "signing", "content commitment", "key agreement", "data encipherment", "encipher only",
+                 "decipher only", "any", "code signing", "email protection", "s/mime", "ipsec end system",
+                 "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"}
+        for usage in usages:
+            if usage not in known:
+                problems.add(where, f"spec.usages: {usage!r} is not a cert-manager key usage")
+        key = spec.get("privateKey") or {}
+        if key.get("algorithm", "RSA") not in ("RSA", "ECDSA", "Ed25519"):
+            problems.add(where, f"spec.privateKey.algorithm {key.get('algorithm')!r} is not RSA, ECDSA or Ed25519")
+        if key.get("rotationPolicy", "Never") not in ("Never", "Always"):
+            problems.add(where, f"spec.privateKey.rotationPolicy {key.get('rotationPolicy')!r} is not Never or Always")
+    else:
+        types = [t for t in ISSUER_TYPES if t in spec]
+        if len(types) != 1:
+            problems.add(where, f"needs exactly one issuer type of {', '.join(ISSUER_TYPES)} (has {types or 'none'})")
+        elif types == ["ca"] and not (spec["ca"] or {}).get("secretName"):
+            problems.add(where, "spec.ca.secretName (the CA's Secret) is missing")
+    return len(problems.items) == before
+
+
+def check_certificates(objects: list[tuple[Path, dict[str, Any]]], problems: Problems) -> None:
+    """Every Certificate's issuer is defined among the objects, and a CA Issuer's Secret is written by one."""
+    issuers = {(d["kind"], d["metadata"]["name"]): d for _, d in objects if is_cert_manager(d) and d["kind"] != "Certificate"}
+    secrets = {d["spec"]["secretName"] for _, d in objects if is_cert_manager(d) and d["kind"] == "Certificate"}
+    for path, doc in objects:
+        if not is_cert_manager(doc):
+            continue
+        if doc["kind"] == "Certificate":
+            ref = doc["spec"]["issuerRef"]
+            if (ref.get("kind", "Issuer"), ref["name"]) not in issuers:
+                problems.add(describe(path, doc), f"its issuer {ref.get('kind', 'Issuer')}/{ref['name']} is not defined here")
+        elif "ca" in doc["spec"] and doc["spec"]["ca"]["secretName"] not in secrets:
+            problems.add(describe(path, doc), f"its CA Secret {doc['spec']['ca']['secretName']} is written by no Certificate here")
+
+
+def json_pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not a JSON pointer")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+
+
+def apply_json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """RFC 6902 add, replace, remove and test, as kustomize applies them; raises ValueError on a failed op."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = json_pointer(op["path"])
+        parent = doc
+        for p in parts[:-1]:
+            parent = parent[int(p)] if isinstance(parent, list) else parent[p]
+        last = parts[-1]
+        kind = op["op"]
+        if isinstance(parent, list):
+            index = len(parent) if last == "-" else int(last)
+            if kind == "add":
+                parent.insert(index, op["value"])
+            elif kind == "replace":
+                parent[index] = op["value"]
+            elif kind == "remove":
+                del parent[index]
+            elif kind == "test":
+                if parent[index] != op["value"]:
+                    raise ValueError(f"test failed at {op['path']}")
+            else:
+                raise ValueError(f"unsupported op {kind!r}")
+        else:
+            if kind in ("replace", "remove", "test") and last not in parent:
+                raise ValueError(f"{op['path']} does not exist (op {kind})")
+            if kind in ("add", "replace"):
+                parent[last] = op["value"]
+            elif kind == "remove":
+                del parent[last]
+            elif kind == "test":
+                if parent[last] != op["value"]:
+                    raise ValueError(f"test failed at {op['path']}")
+            else:
+                raise ValueError(f"unsupported op {kind!r}")
+    return doc
+
+
+def target_matches(target: dict[str, Any], doc: dict[str, Any]) -> bool:
+    group, _, version = doc["apiVersion"].rpartition("/")
+    return (
+        target.get("kind", doc["kind"]) == doc["kind"]
+        and target.get("name", doc["metadata"]["name"]) == doc["metadata"]["name"]
+        and target.get("group", group) == group
+        and target.get("version", version) == version
+    )
+
+
+def env_value(container: dict[str, Any], name: str) -> str | None:
+    for e in container.get("env") or []:
+        if e.get("name") == name:
+            return e.get("value")
+    return None
+
+
+def check_tls(path: Path, deployment: dict[str, Any], certificates: set[str], problems: Problems) -> None:
+    """A Deployment serving TLS reads its files from a mounted Secret written by a Certificate, and its probes
+    reach the plaintext health port."""
+    where = describe(path, deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    secret_volumes = {v["name"]: v["secret"].get("secretName") for v in pod.get("volumes") or [] if "secret" in v}
+    for c in pod["containers"]:
+        cert = env_value(c, "CLIPSERVE_TLS_CERT")
+        if cert is None:
+            continue
+        for var in ("CLIPSERVE_TLS_CERT", "CLIPSERVE_TLS_KEY", "CLIPSERVE_TLS_CLIENT_CA"):
+            file = env_value(c, var)
+            if file is None:
+                if var == "CLIPSERVE_TLS_KEY":
+                    problems.add(where, "CLIPSERVE_TLS_CERT without CLIPSERVE_TLS_KEY")
+                continue
+            mounts = [m for m in c.get("volumeMounts") or [] if file.startswith(m["mountPath"].rstrip("/") + "/")]
+            secret = next((secret_volumes.get(m["name"]) for m in mounts if m["name"] in secret_volumes), None)
+            if secret is None:
+                problems.add(where, f"{var}={file} is not in a mounted Secret volume")
+            elif secret not in certificates:
+                problems.add(where, f"{var}={file}: Secret {secret} is written by no Certificate here")
+            elif file.rsplit("/", 1)[-1] not in ("tls.crt", "tls.key", "ca.crt"):
+                problems.add(where, f"{var}={file}: cert-manager Secrets hold tls.crt, tls.key and ca.crt")
+        health = env_value(c, "CLIPSERVE_HEALTH_ADDR")
+        health_port = int(health.rsplit(":", 1)[1]) if health else None
+        named = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c.get(probe_name) or {}
+            if "grpc" in probe:
+                problems.add(where, f"{c['name']}.{probe_name} is a gRPC probe, which speaks no TLS")
+            if "httpGet" in probe:
+                port = probe["httpGet"]["port"]
+                port = named.get(port, port)
+                if port != health_port and env_value(c, "CLIPSERVE_TLS_CLIENT_CA") is not None:
+                    problems.add(where, f"{c['name']}.{probe_name} asks port {port}, not the plaintext health port "
+                                        "(mutual TLS refuses the kubelet, which has no client certificate)")
+                elif port != health_port and probe["httpGet"].get("scheme", "HTTP") != "HTTPS":
+                    problems.add(where, f"{c['name']}.{probe_name} asks plain HTTP of a TLS port")
 
 
 def labels_match(selector: dict[str, Any] | None, labels: dict[str, Any]) -> bool:
@@ -270,7 +449,7 @@ def check_jobs(objects: list[tuple[Path, dict[str, Any]]], problems: Problems) -
                         problems.add(where, f"--server {server!r}: Service/{name} has no port {port}")
 
 
-def check_kustomization(path: Path, problems: Problems) -> None:
+def check_kustomization(path: Path, version: str, problems: Problems, quiet: bool) -> None:
     try:
         k = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -281,8 +460,54 @@ def check_kustomization(path: Path, problems: Problems) -> None:
         if not (path.parent / r).exists():
             problems.add(str(path), f"lists {r}, which does not exist")
     beside = {p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml") and p.name not in KUSTOMIZATION_NAMES}
-    for name in sorted(beside - set(listed)):
+    for name in sorted(beside - {r.rstrip("/") for r in listed}):
         problems.add(str(path), f"does not list {name}")
+    patches = k.get("patches") or []
+    if not patches:
+        return
+    # An overlay: the objects it builds (its resources, directories included), patched, checked again.
+    built: list[tuple[Path, dict[str, Any]]] = []
+    for r in listed:
+        source = path.parent / r
+        files = sorted(f for f in source.iterdir() if f.suffix in (".yaml", ".yml") and f.name not in KUSTOMIZATION_NAMES) if source.is_dir() else [source]
+        for f in files:
+            # Read again (problems in them are reported where they are checked on their own).
+            built += [(f, d) for d in load_documents(f, Problems())]
+    for patch in patches:
+        file = patch.get("path")
+        target = patch.get("target") or {}
+        if not file or not target:
+            problems.add(str(path), f"patch {patch}: only JSON 6902 patches (a path and a target) are checked here")
+            continue
+        try:
+            ops = yaml.safe_load((path.parent / file).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            problems.add(str(path), f"patch {file} cannot be read: {e}")
+            continue
+        matched = 0
+        for i, (p, d) in enumerate(built):
+            if target_matches(target, d):
+                matched += 1
+                try:
+                    built[i] = (p, apply_json_patch(d, ops))
+                except (KeyError, IndexError, ValueError, TypeError) as e:
+                    problems.add(str(path), f"patch {file} does not apply to {d['kind']}/{d['metadata']['name']}: {e!r}")
+        if not matched:
+            problems.add(str(path), f"patch {file}: its target {target} matches nothing the overlay builds")
+    where = path.parent / "(built)"
+    valid = []
+    for p, d in built:
+        # cert-manager objects were reported where they are checked on their own.
+        if cert_manager_check(p, d, Problems()) if is_cert_manager(d) else schema_check(where, d, version, problems):
+            valid.append((where if p.parent != path.parent else p, d))
+    cross_check(valid, problems)
+    check_certificates(valid, problems)
+    certificates = {d["spec"]["secretName"] for _, d in valid if is_cert_manager(d) and d["kind"] == "Certificate"}
+    for p, d in valid:
+        if d["kind"] == "Deployment":
+            check_tls(p, d, certificates, problems)
+    if not quiet:
+        print(f"ok   {path}: {len(valid)} objects built with {len(patches)} patch(es), checked again")
 
 
 def main() -> int:
@@ -300,15 +525,25 @@ def main() -> int:
     objects: list[tuple[Path, dict[str, Any]]] = []
     for path in manifests:
         for doc in load_documents(path, problems):
-            if schema_check(path, doc, args.kubernetes_version, problems):
+            if is_cert_manager(doc):
+                if cert_manager_check(path, doc, problems):
+                    objects.append((path, doc))
+                    if not args.quiet:
+                        print(f"ok   {describe(path, doc)} (cert-manager fields, by hand)")
+            elif schema_check(path, doc, args.kubernetes_version, problems):
                 # Only schema-valid objects are compared with each other: their required fields are there.
                 objects.append((path, doc))
                 if not args.quiet:
                     print(f"ok   {describe(path, doc)} (Kubernetes {args.kubernetes_version} schema, strict)")
     cross_check(objects, problems)
     check_jobs(objects, problems)
+    check_certificates(objects, problems)
+    certificates = {d["spec"]["secretName"] for _, d in objects if is_cert_manager(d) and d["kind"] == "Certificate"}
+    for path, doc in objects:
+        if doc["kind"] == "Deployment":
+            check_tls(path, doc, certificates, problems)
     for k in kustomizations:
-        check_kustomization(k, problems)
+        check_kustomization(k, args.kubernetes_version, problems, args.quiet)
         if not args.quiet:
             print(f"ok   {k}: kustomization (not a Kubernetes object; its resources were compared with its folder)")
 

@@ -16,7 +16,9 @@ generated is kept. Needs grpcio and grpcio-tools (both in deploy/requirements.tx
 
 Exit status: 0 when everything was embedded, 1 when some item failed (each is reported on stderr; the others
 are still written), 2 on a usage or connection error. For a server started with --api-key, pass --api-key or
-set CLIPSERVE_API_KEY.
+set CLIPSERVE_API_KEY. For a server with TLS, pass --tls-ca (the CA its certificate chains to), and for mutual
+TLS also --tls-cert and --tls-key (a client certificate of the server's --tls-client-ca); --compression gzip
+compresses what is sent (and the server then answers compressed).
 """
 
 from __future__ import annotations
@@ -79,7 +81,18 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per call (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("CLIPSERVE_API_KEY"),
                         help="for a server started with --api-key (default: $CLIPSERVE_API_KEY)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA certificate(s) to verify a TLS server with")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name",
+                        help="name to check the server's certificate against when --server is not one of its names")
+    parser.add_argument("--compression", choices=["none", "gzip", "deflate"], default="none",
+                        help="compress the messages sent (default: %(default)s)")
     args = parser.parse_args()
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        parser.error("--tls-cert needs --tls-ca")
 
     if args.images and not args.images.is_dir():
         parser.error(f"--images {args.images}: not a folder")
@@ -92,11 +105,21 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="clipserve-stubs-") as stubs_dir:
         pb, rpc = load_stubs(args.proto_dir, Path(stubs_dir))
-        channel = grpc.insecure_channel(
-            args.server,
-            options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-        )
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        compression = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
+                       "deflate": grpc.Compression.Deflate}[args.compression]
+        if args.tls_ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=args.tls_ca.read_bytes(),
+                private_key=args.tls_key.read_bytes() if args.tls_key else None,
+                certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+            )
+            if args.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+            channel = grpc.secure_channel(args.server, credentials, options=options, compression=compression)
+        else:
+            channel = grpc.insecure_channel(args.server, options=options, compression=compression)
         stub = rpc.EmbedderStub(channel)
         metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
         start = time.monotonic()

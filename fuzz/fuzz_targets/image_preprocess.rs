@@ -1,8 +1,8 @@
-//! Any bytes through decode + CLIP preprocessing: an error or a 3x224x224 tensor of finite values, never a panic,
-//! a hang or an allocation past the pixel limit.
+//! Any bytes through decode + CLIP preprocessing, in both modes: an error or a 3x224x224 tensor of finite values,
+//! never a panic, a hang or an allocation past the pixel limit.
 #![no_main]
 
-use clipserve::inputs::image::ImagePreprocessor;
+use clipserve::inputs::image::{never_stop, ImagePreprocessor, PreprocessMode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
         max_pixels: 4_000_000,
         max_jpeg_scans: 100,
     };
-    if let Ok(t) = pre.preprocess(data) {
+    let exact = pre.preprocess(data);
+    let fast = pre.preprocess_mode_until(data, PreprocessMode::Fast, &never_stop);
+    for t in [&exact, &fast].into_iter().flatten() {
         assert_eq!(t.len(), 3 * 224 * 224);
         assert!(t.iter().all(|x| x.is_finite()));
     }

@@ -1,5 +1,6 @@
-//! `clipserve bench`: a gRPC load generator (Embed or EmbedStream, images or texts), and a raw-model mode that
-//! times the TorchScript forward alone. Prints throughput and latency percentiles; optionally writes JSON.
+//! `clipserve bench`: a gRPC load generator (Embed or EmbedStream, images or texts), a raw-model mode that
+//! times the TorchScript forward alone, and a preprocessing mode that times decoding and preprocessing alone on
+//! one thread. Prints throughput and latency percentiles (or per-stage times); optionally writes JSON.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::duration::parse_duration;
+use crate::inputs::image::{ImagePreprocessor, PreprocessMode, StageTimes};
 use crate::pb::{embedder_client::EmbedderClient, item::Image, EmbedRequest, Item};
 
 /// What to send.
@@ -88,6 +90,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub text_tokens: usize,
 
+    /// Time the image preprocessing alone (decode, resize, normalise: encoded bytes to the model's input tensor)
+    /// on these images, in this process, on one thread, in each mode of --preprocess-mode; no server, no model.
+    /// Prints images per second per core (per second of CPU time the process used, so that other load on the
+    /// machine matters less; wall-clock rates too) and the time per stage. --duration is per image and mode.
+    #[arg(long, num_args = 1.., value_name = "IMAGE")]
+    pub preprocess: Vec<PathBuf>,
+
+    /// Modes timed by --preprocess (comma-separated): exact, fast.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "exact,fast")]
+    pub preprocess_mode: Vec<PreprocessMode>,
+
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -139,6 +152,14 @@ impl Latency {
 
 /// Runs `clipserve bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.preprocess.is_empty() {
+        let report = preprocess(&args)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let report = match &args.raw_model {
         Some(dir) => raw_model(&args, dir)?,
         None => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(load(&args))?,
@@ -377,6 +398,161 @@ async fn produce(
             break;
         }
     }
+}
+
+/// What `--preprocess` measured for one image in one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreprocessResult {
+    pub image: String,
+    pub bytes: usize,
+    pub mode: PreprocessMode,
+    pub images: u64,
+    /// CPU time the process used for them.
+    pub cpu_seconds: f64,
+    /// Wall-clock time they took.
+    pub seconds: f64,
+    /// Images per second of CPU time: the rate of one core.
+    pub images_per_second: f64,
+    /// Images per second of wall-clock time.
+    pub images_per_wall_second: f64,
+    /// CPU milliseconds per image.
+    pub ms_per_image: f64,
+    /// CPU milliseconds per image in each stage: their shares timed in separate runs.
+    pub stages_ms: Stages,
+}
+
+/// Milliseconds per image per stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    pub decode: f64,
+    pub resize: f64,
+    pub normalize: f64,
+}
+
+/// What `--preprocess` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreprocessReport {
+    pub threads: usize,
+    pub results: Vec<PreprocessResult>,
+    /// Per mode: the geometric mean of images per second over the images.
+    pub geometric_mean: Vec<(PreprocessMode, f64)>,
+}
+
+/// Rounds each (image, mode) is measured in, interleaved so that a noisy machine affects every mode alike.
+const PREPROCESS_ROUNDS: u32 = 5;
+
+/// Times decode + preprocessing of each image in each mode on this thread.
+fn preprocess(args: &BenchArgs) -> anyhow::Result<PreprocessReport> {
+    anyhow::ensure!(!args.preprocess_mode.is_empty(), "--preprocess-mode needs at least one mode");
+    // CLIP ViT-B/32's input (the default model's manifest) and the server's default limits.
+    #[allow(clippy::excessive_precision)]
+    let pre = ImagePreprocessor {
+        size: 224,
+        mean: [0.48145466, 0.4578275, 0.40821073],
+        std: [0.26862954, 0.26130258, 0.27577711],
+        max_bytes: 20 << 20,
+        max_pixels: 40_000_000,
+        max_jpeg_scans: 100,
+    };
+    let images: Vec<(String, Vec<u8>)> = args
+        .preprocess
+        .iter()
+        .map(|p| Ok((p.display().to_string(), std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)))
+        .collect::<anyhow::Result<_>>()?;
+    let modes = &args.preprocess_mode;
+    let round = args.duration.max(Duration::from_millis(100)) / PREPROCESS_ROUNDS;
+    let mut results = Vec::new();
+    println!("preprocessing on one thread, {} per image and mode ({PREPROCESS_ROUNDS} interleaved rounds)", {
+        let d = round * PREPROCESS_ROUNDS;
+        format!("{:.1}s", d.as_secs_f64())
+    });
+    for (name, bytes) in &images {
+        let mut counts = vec![(0u64, Duration::ZERO, Duration::ZERO); modes.len()];
+        let mut stages = vec![(0u64, StageTimes::default()); modes.len()];
+        for &mode in modes {
+            // Warm-up, and the input's errors surface here.
+            pre.preprocess_mode_until(bytes, mode, &crate::inputs::image::never_stop)
+                .map_err(|e| anyhow::anyhow!("{name}: {}", e.message()))?;
+        }
+        for _ in 0..PREPROCESS_ROUNDS {
+            for (i, &mode) in modes.iter().enumerate() {
+                let (start, cpu) = (Instant::now(), process_cpu_time());
+                let mut n = 0u64;
+                while start.elapsed() < round * 3 / 4 || n == 0 {
+                    let t = pre.preprocess_mode_until(bytes, mode, &crate::inputs::image::never_stop);
+                    std::hint::black_box(t.map_err(|e| anyhow::anyhow!("{name}: {}", e.message()))?);
+                    n += 1;
+                }
+                counts[i].0 += n;
+                counts[i].1 += process_cpu_time().saturating_sub(cpu);
+                counts[i].2 += start.elapsed();
+                let start = Instant::now();
+                while start.elapsed() < round / 4 || stages[i].0 == 0 {
+                    let (t, times) =
+                        pre.preprocess_timed(bytes, mode).map_err(|e| anyhow::anyhow!("{name}: {}", e.message()))?;
+                    std::hint::black_box(t);
+                    stages[i].0 += 1;
+                    stages[i].1 += times;
+                }
+            }
+        }
+        for (i, &mode) in modes.iter().enumerate() {
+            let (n, cpu, wall) = counts[i];
+            let (_, t) = stages[i];
+            let cpu = cpu.max(Duration::from_nanos(1)).as_secs_f64();
+            // The stages' shares come from wall-clock timers around each stage; they are scaled to the CPU time
+            // per image, so that time the process spent preempted is not counted in any stage.
+            let staged = (t.decode + t.resize + t.normalize).as_secs_f64().max(1e-12);
+            let per = |d: Duration| cpu * 1e3 / n as f64 * d.as_secs_f64() / staged;
+            let r = PreprocessResult {
+                image: name.clone(),
+                bytes: bytes.len(),
+                mode,
+                images: n,
+                cpu_seconds: cpu,
+                seconds: wall.as_secs_f64(),
+                images_per_second: n as f64 / cpu,
+                images_per_wall_second: n as f64 / wall.as_secs_f64(),
+                ms_per_image: cpu * 1e3 / n as f64,
+                stages_ms: Stages { decode: per(t.decode), resize: per(t.resize), normalize: per(t.normalize) },
+            };
+            println!(
+                "{} ({} KB) {}: {:.1} img/s per core ({:.1} wall), {:.2} ms/img (decode {:.2} ms, resize {:.2} ms, \
+                 normalise {:.3} ms)",
+                r.image,
+                r.bytes / 1000,
+                mode.name(),
+                r.images_per_second,
+                r.images_per_wall_second,
+                r.ms_per_image,
+                r.stages_ms.decode,
+                r.stages_ms.resize,
+                r.stages_ms.normalize
+            );
+            results.push(r);
+        }
+    }
+    let geometric_mean: Vec<(PreprocessMode, f64)> = modes
+        .iter()
+        .map(|&mode| {
+            let rates: Vec<f64> = results.iter().filter(|r| r.mode == mode).map(|r| r.images_per_second).collect();
+            (mode, (rates.iter().map(|r| r.ln()).sum::<f64>() / rates.len() as f64).exp())
+        })
+        .collect();
+    for (mode, g) in &geometric_mean {
+        println!("{}: geometric mean {:.1} img/s per core over {} image(s)", mode.name(), g, images.len());
+    }
+    Ok(PreprocessReport { threads: 1, results, geometric_mean })
+}
+
+/// CPU time this process has used (all its threads).
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Times the TorchScript forward alone, in-process, at a fixed batch size.

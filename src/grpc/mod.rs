@@ -1,6 +1,8 @@
 //! The tonic service: protobuf <-> domain conversion, `Embed`, `EmbedStream`, `Info`, `Classify`.
 
 pub mod codec;
+pub mod compression;
+pub mod deadline;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -99,19 +101,7 @@ pub fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
 
 /// Parses the `grpc-timeout` header (e.g. `250m`, `5S`).
 pub fn timeout_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    let timeout = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    Some(timeout)
+    deadline::parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
 fn to_item(item: pb::Item) -> ItemInput {

@@ -83,6 +83,18 @@ pub fn router(state: HttpState) -> Router {
         .layer(layer_fn(|inner| panic::CatchPanic(inner, Error::into_response)))
 }
 
+/// The routes of the plaintext health listener (`--health-addr`): liveness, readiness and metrics, nothing that
+/// scores.
+pub fn probe_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/", get(live))
+        .route("/health", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(prometheus_metrics))
+        .with_state(state)
+        .layer(tower::layer::layer_fn(|inner| panic::CatchPanic(inner, Error::into_response)))
+}
+
 /// Rejects scoring requests without the API key (when one is configured) before their body is read.
 async fn authorize(
     State((state, protocol)): State<(HttpState, Protocol)>,

@@ -6,14 +6,16 @@
 //! JPEGs are decoded by libjpeg-turbo's decoder (mozjpeg-sys, built from source; see `jpeg.rs`), the decoder Pillow uses,
 //! so the pixels equal Pillow's; other formats by the `image` crate.
 
+use std::cell::RefCell;
 use std::io::Cursor;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat, ImageReader};
 
 use crate::error::{Error, Reason};
-use crate::inputs::jpeg::{self, JpegLimits};
-use crate::inputs::resample::{resize_rgb_window, Window};
+use crate::inputs::jpeg::{self, DecodeOptions, JpegLimits, Region, RowSink};
+use crate::inputs::resample::{resize_rgb_window, ResizeBuffers, Window, WindowResize};
 
 /// A decoded image: packed 8-bit RGB.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,63 @@ pub struct ImagePreprocessor {
     pub max_pixels: u64,
     /// Most scans of a (progressive) JPEG.
     pub max_jpeg_scans: u32,
+}
+
+/// How images become model inputs (`--preprocess`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreprocessMode {
+    /// Pixels identical to transformers' CLIPImageProcessor (Pillow path): full-resolution decode, Pillow's
+    /// bicubic resize.
+    #[default]
+    Exact,
+    /// JPEGs large enough decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (the smallest whose short side still
+    /// covers the model's input) without fancy upsampling, then the same resize; smaller JPEGs and other formats
+    /// exactly as in the exact mode.
+    Fast,
+}
+
+impl PreprocessMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PreprocessMode::Exact => "exact",
+            PreprocessMode::Fast => "fast",
+        }
+    }
+}
+
+/// Time spent in each stage of one image's preprocessing ([`ImagePreprocessor::preprocess_timed`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    /// Decoding (libjpeg or the `image` crate), checks included.
+    pub decode: Duration,
+    /// Both resampling passes.
+    pub resize: Duration,
+    /// Rescaling and normalising into the float tensor (fused into the last pass, timed apart).
+    pub normalize: Duration,
+}
+
+impl std::ops::AddAssign for StageTimes {
+    fn add_assign(&mut self, o: StageTimes) {
+        self.decode += o.decode;
+        self.resize += o.resize;
+        self.normalize += o.normalize;
+    }
+}
+
+/// Buffers one preprocessing thread reuses from image to image.
+#[derive(Default)]
+struct Scratch {
+    /// Decoded JPEG rows.
+    rows: Vec<u8>,
+    resize: ResizeBuffers,
+}
+
+/// Bytes of scratch a thread keeps between images; what an unusually large image needed beyond it is freed.
+const KEPT_SCRATCH_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Never stops.
@@ -82,9 +141,9 @@ pub fn decode_base64(text: &str) -> Result<Vec<u8>, Error> {
 }
 
 impl ImagePreprocessor {
-    /// Decodes an encoded image into RGB, enforcing the byte, format and pixel limits before decoding.
-    /// `should_stop` is polled while decoding (JPEG: every few rows and scans) and between stages.
-    pub fn decode(&self, bytes: &[u8], should_stop: &dyn Fn() -> bool) -> Result<RgbImage, Error> {
+    /// Checks an encoded image against the byte, format and pixel limits from its header, before any decoding:
+    /// its format and dimensions.
+    fn check(&self, bytes: &[u8]) -> Result<(ImageFormat, u32, u32), Error> {
         if bytes.is_empty() {
             return Err(Error::new(Reason::InvalidImage, "empty image"));
         }
@@ -118,30 +177,29 @@ impl ImagePreprocessor {
         }
         // An aspect ratio that cannot be resized is refused before any decoding work.
         resized_dims(w, h, self.size)?;
-
-        if format == ImageFormat::Jpeg {
+        if format == ImageFormat::Jpeg && !jpeg_has_end(bytes) {
             // libjpeg pads a truncated file with gray and only warns; Pillow refuses it ("image file is truncated").
-            if !jpeg_has_end(bytes) {
-                return Err(Error::new(
-                    Reason::InvalidImage,
-                    "cannot decode image: truncated JPEG (no end-of-image marker)",
-                ));
-            }
+            return Err(Error::new(
+                Reason::InvalidImage,
+                "cannot decode image: truncated JPEG (no end-of-image marker)",
+            ));
+        }
+        Ok((format, w, h))
+    }
+
+    /// Decodes an encoded image into RGB, whole, enforcing the byte, format and pixel limits before decoding.
+    /// `should_stop` is polled while decoding (JPEG: every few rows and scans) and between stages. This and
+    /// [`ImagePreprocessor::resize_and_crop`] and [`ImagePreprocessor::normalize`] are the reference pipeline,
+    /// stage by stage; [`ImagePreprocessor::preprocess`] computes the same pixels without the whole-frame buffers.
+    pub fn decode(&self, bytes: &[u8], should_stop: &dyn Fn() -> bool) -> Result<RgbImage, Error> {
+        let (format, w, h) = self.check(bytes)?;
+        if format == ImageFormat::Jpeg {
             let limits = JpegLimits { max_scans: self.max_jpeg_scans, should_stop };
             if let Some(rgb) = jpeg::decode(bytes, self.max_pixels, &limits)? {
                 return Ok(RgbImage { width: rgb.width, height: rgb.height, data: rgb.data });
             }
         }
-        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(w);
-        limits.max_image_height = Some(h);
-        // Decoded RGBA16 of the claimed size, plus slack for the decoder's own buffers.
-        limits.max_alloc = Some(pixels * 8 + (64 << 20));
-        reader.limits(limits);
-        let image =
-            reader.decode().map_err(|e| Error::new(Reason::InvalidImage, format!("cannot decode image: {e}")))?;
-        Ok(to_rgb(image))
+        decode_other(bytes, format, w, h)
     }
 
     /// Resizes the shortest side to `size` (Pillow's bicubic) and center-crops `size` x `size`: HWC RGB bytes.
@@ -160,35 +218,222 @@ impl ImagePreprocessor {
     pub fn normalize(&self, hwc: &[u8]) -> Vec<f32> {
         let plane = (self.size as usize) * (self.size as usize);
         let mut out = vec![0f32; 3 * plane];
+        let (scale, offset) = self.normalization();
         for c in 0..3 {
-            // (x / 255 - mean) / std as x * scale + offset, computed in f32 like numpy's float32 path.
-            let scale = 1.0 / (255.0 * self.std[c]);
-            let offset = -self.mean[c] / self.std[c];
             for (i, px) in hwc.chunks_exact(3).enumerate() {
-                out[c * plane + i] = px[c] as f32 * scale + offset;
+                out[c * plane + i] = px[c] as f32 * scale[c] + offset[c];
             }
         }
         out
     }
 
-    /// The whole pipeline: encoded bytes to the model's pixel tensor (CHW float32, `3 * size * size`).
+    /// The whole pipeline: encoded bytes to the model's pixel tensor (CHW float32, `3 * size * size`), in the
+    /// exact mode.
     pub fn preprocess(&self, bytes: &[u8]) -> Result<Vec<f32>, Error> {
         self.preprocess_until(bytes, &never_stop)
     }
 
     /// [`ImagePreprocessor::preprocess`], stopped (DEADLINE_EXCEEDED) as soon as `should_stop` says so.
     pub fn preprocess_until(&self, bytes: &[u8], should_stop: &dyn Fn() -> bool) -> Result<Vec<f32>, Error> {
-        let rgb = self.decode(bytes, should_stop)?;
+        self.preprocess_mode_until(bytes, PreprocessMode::Exact, should_stop)
+    }
+
+    /// The whole pipeline in `mode`, stopped (DEADLINE_EXCEEDED) as soon as `should_stop` says so.
+    pub fn preprocess_mode_until(
+        &self,
+        bytes: &[u8],
+        mode: PreprocessMode,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<f32>, Error> {
+        self.run(bytes, mode, should_stop, None)
+    }
+
+    /// The whole pipeline in `mode`, with the time spent in each stage (a little slower than untimed).
+    pub fn preprocess_timed(&self, bytes: &[u8], mode: PreprocessMode) -> Result<(Vec<f32>, StageTimes), Error> {
+        let mut times = StageTimes::default();
+        let pixels = self.run(bytes, mode, &never_stop, Some(&mut times))?;
+        Ok((pixels, times))
+    }
+
+    /// Decodes straight into the resize: JPEG rows go through the horizontal pass as libjpeg produces them (only
+    /// the rows and columns the crop window reads are decoded), the vertical pass writes the normalised tensor.
+    /// The buffers are the thread's own, reused.
+    fn run(
+        &self,
+        bytes: &[u8],
+        mode: PreprocessMode,
+        should_stop: &dyn Fn() -> bool,
+        times: Option<&mut StageTimes>,
+    ) -> Result<Vec<f32>, Error> {
+        let start = times.is_some().then(Instant::now);
+        let (format, w, h) = self.check(bytes)?;
+        let mut timer = times.map(|t| (t, start.unwrap_or_else(Instant::now)));
+        SCRATCH.with(|cell| {
+            let mut own = None;
+            let mut borrowed = cell.try_borrow_mut().ok();
+            let scratch = match borrowed.as_deref_mut() {
+                Some(s) => s,
+                None => own.insert(Scratch::default()),
+            };
+            let result = self.run_with(scratch, bytes, format, (w, h), mode, should_stop, timer.as_mut());
+            if scratch.rows.capacity() + scratch.resize.capacity() > KEPT_SCRATCH_BYTES {
+                *scratch = Scratch::default();
+            }
+            result
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_with(
+        &self,
+        scratch: &mut Scratch,
+        bytes: &[u8],
+        format: ImageFormat,
+        (w, h): (u32, u32),
+        mode: PreprocessMode,
+        should_stop: &dyn Fn() -> bool,
+        mut timer: Option<&mut (&mut StageTimes, Instant)>,
+    ) -> Result<Vec<f32>, Error> {
+        let Scratch { rows, resize: buffers } = scratch;
+        if format == ImageFormat::Jpeg {
+            let limits = JpegLimits { max_scans: self.max_jpeg_scans, should_stop };
+            let options = DecodeOptions { fast: mode == PreprocessMode::Fast, min_short_side: self.size };
+            let mut sink = ResizeSink {
+                pre: self,
+                buffers: Some(&mut *buffers),
+                resize: None,
+                timed: timer.is_some(),
+                spent: Duration::ZERO,
+            };
+            if jpeg::decode_rows(bytes, self.max_pixels, &limits, options, rows, &mut sink)? {
+                if let Some((t, since)) = timer.as_deref_mut() {
+                    let now = Instant::now();
+                    t.decode += (now - *since).saturating_sub(sink.spent);
+                    t.resize += sink.spent;
+                    *since = now;
+                }
+                let resize = sink.resize.expect("the decoder asked for the region");
+                return self.finish(resize, should_stop, timer);
+            }
+            // CMYK and YCCK: the image crate converts them.
+        }
+        let rgb = decode_other(bytes, format, w, h)?;
+        if let Some((t, since)) = timer.as_deref_mut() {
+            let now = Instant::now();
+            t.decode += now - *since;
+            *since = now;
+        }
         if should_stop() {
             return Err(stopped());
         }
-        let hwc = self.resize_and_crop(&rgb)?;
-        Ok(self.normalize(&hwc))
+        let (iw, ih) = (rgb.width as usize, rgb.height as usize);
+        let mut resize = self.window_resize(iw, ih, buffers)?;
+        let needed = resize.rows();
+        resize.push_rgb(needed.start, needed.len(), &rgb.data[needed.start * iw * 3..needed.end * iw * 3], iw * 3);
+        drop(rgb);
+        self.finish(resize, should_stop, timer)
+    }
+
+    /// The vertical pass, writing the normalised CHW tensor row by row.
+    fn finish(
+        &self,
+        resize: WindowResize<'_>,
+        should_stop: &dyn Fn() -> bool,
+        timer: Option<&mut (&mut StageTimes, Instant)>,
+    ) -> Result<Vec<f32>, Error> {
+        if should_stop() {
+            return Err(stopped());
+        }
+        if !resize.complete() {
+            return Err(Error::new(Reason::InvalidImage, "cannot decode image: the decoder left rows out"));
+        }
+        let s = self.size as usize;
+        let plane = s * s;
+        let mut out = vec![0f32; 3 * plane];
+        let (scale, offset) = self.normalization();
+        let mut normalizing = Duration::ZERO;
+        let timed = timer.is_some();
+        resize.finish(|oy, line| {
+            let t0 = timed.then(Instant::now);
+            for c in 0..3 {
+                let dst = &mut out[c * plane + oy * s..c * plane + (oy + 1) * s];
+                for (d, &v) in dst.iter_mut().zip(&line[c * s..(c + 1) * s]) {
+                    *d = v as f32 * scale[c] + offset[c];
+                }
+            }
+            if let Some(t0) = t0 {
+                normalizing += t0.elapsed();
+            }
+        });
+        if let Some((t, since)) = timer {
+            let now = Instant::now();
+            t.resize += (now - *since).saturating_sub(normalizing);
+            t.normalize += normalizing;
+            *since = now;
+        }
+        Ok(out)
+    }
+
+    /// The resize of a `w` x `h` image: shortest side to `size`, centre crop.
+    fn window_resize<'b>(&self, w: usize, h: usize, buffers: &'b mut ResizeBuffers) -> Result<WindowResize<'b>, Error> {
+        let (new_w, new_h) = resized_dims(w as u32, h as u32, self.size)?;
+        let s = self.size as usize;
+        let (new_w, new_h) = (new_w as usize, new_h as usize);
+        let window = Window { x0: (new_w - s) / 2, y0: (new_h - s) / 2, w: s, h: s };
+        Ok(WindowResize::new(w, h, new_w, new_h, window, buffers))
+    }
+
+    /// `(x / 255 - mean) / std` as `x * scale + offset`, per channel, computed in f32 like numpy's float32 path.
+    fn normalization(&self) -> ([f32; 3], [f32; 3]) {
+        let scale = [0, 1, 2].map(|c| 1.0 / (255.0 * self.std[c]));
+        let offset = [0, 1, 2].map(|c| -self.mean[c] / self.std[c]);
+        (scale, offset)
+    }
+}
+
+/// Feeds decoded JPEG rows to the resize.
+struct ResizeSink<'p, 'b> {
+    pre: &'p ImagePreprocessor,
+    buffers: Option<&'b mut ResizeBuffers>,
+    resize: Option<WindowResize<'b>>,
+    timed: bool,
+    /// Time spent resizing inside the decode.
+    spent: Duration,
+}
+
+impl RowSink for ResizeSink<'_, '_> {
+    fn region(&mut self, width: usize, height: usize) -> Result<Region, Error> {
+        let buffers = self.buffers.take().expect("the region is asked once");
+        let resize = self.pre.window_resize(width, height, buffers)?;
+        let region = Region { rows: resize.rows(), cols: resize.cols() };
+        self.resize = Some(resize);
+        Ok(region)
+    }
+
+    fn rows(&mut self, y: usize, n: usize, data: &[u8], stride: usize, x0: usize) {
+        let t0 = self.timed.then(Instant::now);
+        self.resize.as_mut().expect("rows come after the region").push_rgbx(y, n, data, stride, x0);
+        if let Some(t0) = t0 {
+            self.spent += t0.elapsed();
+        }
     }
 }
 
 fn stopped() -> Error {
     Error::new(Reason::DeadlineExceeded, "preprocessing stopped: the caller has gone or its deadline has passed")
+}
+
+/// Decodes a checked image of `w` x `h` pixels with the `image` crate, its allocations bounded by that size.
+fn decode_other(bytes: &[u8], format: ImageFormat, w: u32, h: u32) -> Result<RgbImage, Error> {
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // Decoded RGBA16 of the claimed size, plus slack for the decoder's own buffers.
+    limits.max_alloc = Some(w as u64 * h as u64 * 8 + (64 << 20));
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| Error::new(Reason::InvalidImage, format!("cannot decode image: {e}")))?;
+    Ok(to_rgb(image))
 }
 
 /// Output size of "shortest side to `size`", as transformers computes it: the long side is
@@ -232,9 +477,8 @@ fn check_bmp_side(bytes: &[u8]) -> Result<(), Error> {
 /// followed by 0xD9 or 0xDA (0xFF is byte-stuffed), so the last 0xFFDA is the last scan header, and a complete file
 /// has its 0xFFD9 after it; thumbnails in APP segments come before the image's own scans.
 fn jpeg_has_end(bytes: &[u8]) -> bool {
-    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    match last_sos {
-        Some(pos) => bytes[pos..].windows(2).any(|w| w == [0xFF, 0xD9]),
+    match memchr::memmem::rfind(bytes, &[0xFF, 0xDA]) {
+        Some(pos) => memchr::memmem::find(&bytes[pos..], &[0xFF, 0xD9]).is_some(),
         None => false,
     }
 }

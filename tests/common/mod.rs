@@ -146,13 +146,16 @@ pub struct TestServer {
     child: Child,
     pub grpc_addr: String,
     pub http_addr: String,
+    /// The plaintext health listener's address, when the server was started with `--health-addr`.
+    pub health_addr: Option<String>,
     pub log: mpsc::Receiver<String>,
     /// Lines printed up to and including the `listening` line.
     pub early_log: Vec<String>,
 }
 
 impl TestServer {
-    /// Starts the server on `model` (CPU, port 0) with extra flags, and waits until health says SERVING.
+    /// Starts the server on `model` (CPU, port 0) with extra flags, and waits until health says SERVING (gRPC
+    /// health; with `--health-addr`, which servers with TLS need here, `/ready` on the health listener).
     pub async fn start(model: &Path, extra: &[&str]) -> TestServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_clipserve"))
             .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--device", "cpu", "--model"])
@@ -175,7 +178,7 @@ impl TestServer {
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut early_log = Vec::new();
-        let (grpc_addr, http_addr) = loop {
+        let (grpc_addr, http_addr, health_addr) = loop {
             let line = rx.recv_timeout(Duration::from_secs(60)).expect("server printed no `listening` line");
             early_log.push(line.clone());
             if let Some(rest) = line.strip_prefix("listening ") {
@@ -185,11 +188,12 @@ impl TestServer {
                         .unwrap_or_else(|| panic!("{key} on the listening line"))
                         .to_string()
                 };
-                break (field("grpc="), field("http="));
+                let health = rest.split_whitespace().find_map(|kv| kv.strip_prefix("health=")).map(str::to_string);
+                break (field("grpc="), field("http="), health);
             }
             assert!(std::time::Instant::now() < deadline, "server did not start");
         };
-        let server = TestServer { child, grpc_addr, http_addr, log: rx, early_log };
+        let server = TestServer { child, grpc_addr, http_addr, health_addr, log: rx, early_log };
         server.wait_serving(Duration::from_secs(120)).await;
         server
     }
@@ -199,9 +203,13 @@ impl TestServer {
         format!("http://{}", self.http_addr)
     }
 
-    /// The Prometheus text of `GET /metrics`.
+    /// The Prometheus text of `GET /metrics` (from the health listener when there is one).
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http_url())).await.unwrap().text().await.unwrap()
+        let base = match &self.health_addr {
+            Some(health) => format!("http://{health}"),
+            None => self.http_url(),
+        };
+        reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap()
     }
 
     /// The value of one sample (`name{labels}` exactly as rendered, or a bare name), 0 when absent.
@@ -227,6 +235,17 @@ impl TestServer {
     pub async fn wait_serving(&self, timeout: Duration) {
         use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
         let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(health) = &self.health_addr {
+            loop {
+                if let Ok(r) = reqwest::get(format!("http://{health}/ready")).await {
+                    if r.status() == 200 {
+                        return;
+                    }
+                }
+                assert!(tokio::time::Instant::now() < deadline, "server never became ready");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         loop {
             if let Ok(ch) = Channel::from_shared(self.url()).unwrap().connect().await {
                 let mut h = HealthClient::new(ch);

@@ -48,6 +48,13 @@ impl RawConnection {
             .max_encoding_message_size(64 << 20)
     }
 
+    /// Sends one request as it is (a hand-made gRPC call, for instance) and returns the response's head and body.
+    pub async fn request(&self, request: http::Request<tonic::body::Body>) -> http::Response<hyper::body::Incoming> {
+        let mut send = self.send.clone();
+        send.ready().await.expect("connection ready");
+        send.send_request(request).await.expect("sending the request")
+    }
+
     /// Closes the connection now, with every call on it.
     pub fn cut(self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
 use super::EmbedArgs;
@@ -441,23 +441,64 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The TLS settings for an https:// server, from --tls-ca, --tls-cert and --tls-key (read now, so that renewed
+/// files are used by new connections); `name` is what the server's certificate is checked against when the URL
+/// holds an address resolved from it.
+pub(super) fn tls_config(args: &EmbedArgs, name: Option<&str>) -> Result<ClientTlsConfig, Problem> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Problem::new("INVALID_ARGUMENT", "", format!("cannot read {}: {e}", path.display())))
+    };
+    let ca = args
+        .tls_ca
+        .as_deref()
+        .ok_or_else(|| Problem::new("INVALID_ARGUMENT", "", "an https:// server needs --tls-ca"))?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(name) = name {
+        tls = tls.domain_name(name);
+    }
+    Ok(tls)
+}
+
 /// Drives one server address: streams to it, reconnecting with backoff, until no work is left or `retire` turns
 /// true (the address left the server's name). Gives up on it (returning the last problem) after `--retries`
-/// failed attempts in a row with nothing answered, or at once when every call would fail.
-pub(super) async fn drive(server: String, shared: Arc<Shared>, retire: watch::Receiver<bool>) -> Result<(), Problem> {
-    let endpoint = Channel::from_shared(server.clone())
+/// failed attempts in a row with nothing answered, or at once when every call would fail. `name` is the server
+/// name the address was resolved from (for TLS).
+pub(super) async fn drive(
+    server: String,
+    name: Option<String>,
+    shared: Arc<Shared>,
+    retire: watch::Receiver<bool>,
+) -> Result<(), Problem> {
+    let plain = Channel::from_shared(server.clone())
         .map_err(|e| Problem::new("INVALID_ARGUMENT", "", format!("invalid server address: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT);
     let mut failures = 0u32;
     while !shared.is_over() && !*retire.borrow() {
-        let (ending, answered) = match endpoint.connect().await {
+        // TLS files that cannot be read (in the middle of a renewal, say) make a failed attempt like any other.
+        let endpoint = if server.starts_with("https://") {
+            tls_config(&shared.args, name.as_deref()).and_then(|tls| {
+                plain.clone().tls_config(tls).map_err(|e| Problem::new("INVALID_ARGUMENT", "", error_chain(&e)))
+            })
+        } else {
+            Ok(plain.clone())
+        };
+        let connected = match endpoint {
+            Ok(endpoint) => endpoint
+                .connect()
+                .await
+                .map_err(|e| Problem::new("UNAVAILABLE", "", format!("cannot connect: {}", error_chain(&e)))),
+            Err(p) => Err(p),
+        };
+        let (ending, answered) = match connected {
             Ok(channel) => {
                 shared.mark_connected();
                 session(channel, &shared, retire.clone()).await
             }
-            Err(e) => {
-                (Ending::Broke(Problem::new("UNAVAILABLE", "", format!("cannot connect: {}", error_chain(&e)))), false)
-            }
+            Err(p) => (Ending::Broke(p), false),
         };
         if answered {
             failures = 0;

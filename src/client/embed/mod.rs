@@ -190,6 +190,20 @@ pub struct EmbedArgs {
     #[arg(long, env = "CLIPSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// For https:// servers (a server started with --tls-cert): the CA certificate(s), PEM, that their
+    /// certificates chain to. A server name resolved to addresses is checked against the name.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Mutual TLS: the client certificate (PEM) to present, signed by the server's --tls-client-ca; needs
+    /// --tls-key. The files are read again at each new connection, so a renewed certificate is used as it comes.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// No progress bar (for logs).
     #[arg(long)]
     pub no_progress: bool,
@@ -276,6 +290,10 @@ fn check_args(args: &EmbedArgs) -> anyhow::Result<()> {
         !(args.format == Format::Parquet && args.dtype() == Dtype::Float16),
         "--format parquet writes float32 only; use --format clip-retrieval or npy for float16"
     );
+    if args.servers.iter().any(|s| s.starts_with("https://")) {
+        anyhow::ensure!(args.tls_ca.is_some(), "https:// servers need --tls-ca (the CA their certificates chain to)");
+        driver::tls_config(args, None).map_err(|p| anyhow::anyhow!("{}", p.message))?;
+    }
     Ok(())
 }
 

@@ -54,7 +54,7 @@ pub(super) async fn serve(server: String, shared: Arc<Shared>, resolver: Resolve
         Target::Fixed(url) => {
             // Never retired: the sender lives as long as the driver.
             let (_keep, retire) = watch::channel(false);
-            drive(url, shared, retire).await
+            drive(url, None, shared, retire).await
         }
         Target::Name { scheme, host, port } => serve_name(&scheme, &host, port, shared, resolver).await,
     }
@@ -94,9 +94,9 @@ async fn serve_name(
                     let (retire_tx, retire) = watch::channel(false);
                     let url = format!("{scheme}://{a}");
                     tracing::info!(server = %host, address = %a, "streaming to a new address");
-                    let (shared, exits, a) = (shared.clone(), exits_tx.clone(), *a);
+                    let (shared, exits, a, name) = (shared.clone(), exits_tx.clone(), *a, host.to_string());
                     tokio::spawn(async move {
-                        let r = drive(url, shared, retire).await;
+                        let r = drive(url, Some(name), shared, retire).await;
                         let _ = exits.send((a, r));
                     });
                     live.insert(a, retire_tx);
