@@ -4,7 +4,9 @@
 //! normalize with the mean and std.
 //!
 //! JPEGs are decoded by libjpeg-turbo's decoder (mozjpeg-sys, built from source; see `jpeg.rs`), the decoder Pillow uses,
-//! so the pixels equal Pillow's; other formats by the `image` crate.
+//! so the pixels equal Pillow's; other formats by the `image` crate. The pipeline streams the decoded rows into the
+//! resize (`resample.rs`) and writes the normalised tensor from its last pass, with per-thread buffers; the fast
+//! mode ([`PreprocessMode::Fast`]) decodes large JPEGs DCT-scaled.
 
 use std::cell::RefCell;
 use std::io::Cursor;

@@ -1,7 +1,11 @@
-//! JPEG decoding with libjpeg-turbo's decoder (the one Pillow uses, so the pixels equal Pillow's), with its work
-//! bounded: libjpeg's progress monitor (the documented hook for this) refuses files past a number of scans
-//! (progressive "scan bombs" cost scans x area) and stops the decode as soon as its caller has gone or its
-//! deadline has passed, also in the middle of a large image.
+//! JPEG decoding with libjpeg-turbo's decoder (the one Pillow uses, so the pixels equal Pillow's; built with its
+//! SIMD code, which gives the same pixels), with its work bounded: libjpeg's progress monitor (the documented hook
+//! for this) refuses files past a number of scans (progressive "scan bombs" cost scans x area) and stops the
+//! decode as soon as its caller has gone or its deadline has passed, also in the middle of a large image.
+//!
+//! [`decode_rows`] decodes only the part of the image its caller reads (libjpeg-turbo's partial decoding) and
+//! hands the rows over a block at a time, optionally DCT-scaled ([`DecodeOptions::fast`]); [`decode`] decodes the
+//! whole frame (the reference).
 //!
 //! Written against `mozjpeg-sys` directly rather than through the `mozjpeg` crate because that crate keeps the
 //! decompressor struct private, so a progress monitor cannot be installed through it.
@@ -48,8 +52,8 @@ struct Monitor<'a> {
 const ROWS_PER_CALL: usize = 16;
 
 unsafe extern "C-unwind" fn progress_monitor(cinfo: &mut ffi::jpeg_common_struct) {
-    // SAFETY: `progress` points at the `Monitor` installed by `decode`, which outlives the decode; the monitor is
-    // only installed on a decompressor, so `cinfo` is the common head of a `jpeg_decompress_struct`.
+    // SAFETY: `progress` points at the `Monitor` installed by `with_decompressor`, which outlives the decode; it is
+    // only installed on decompressors, so `cinfo` is the common head of a `jpeg_decompress_struct`.
     let monitor = unsafe { &mut *(cinfo.progress as *mut Monitor<'_>) };
     let scans =
         unsafe { (*(cinfo as *mut ffi::jpeg_common_struct as *const ffi::jpeg_decompress_struct)).input_scan_number };
@@ -60,7 +64,8 @@ unsafe extern "C-unwind" fn progress_monitor(cinfo: &mut ffi::jpeg_common_struct
     } else {
         return;
     }
-    // Unwinds to the catch_unwind in `decode` (mozjpeg-sys is built for unwinding through libjpeg's frames).
+    // Unwinds to the catch_unwind in `with_decompressor` (mozjpeg-sys is built for unwinding through libjpeg's
+    // frames).
     resume_unwind(Box::new(()));
 }
 
