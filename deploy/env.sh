@@ -1,4 +1,4 @@
-# Sourced by the deploy scripts: the project virtualenv provides python and libtorch (tch's LIBTORCH_USE_PYTORCH).
+# Sourced by the scripts in deploy/ and dev/: the project virtualenv provides python and libtorch (tch's LIBTORCH_USE_PYTORCH).
 CLIPSERVE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export VIRTUAL_ENV="$CLIPSERVE_ROOT/.venv"
 export PATH="$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"

@@ -22,8 +22,8 @@ use lru::LruCache;
 
 use crate::batching::Modality;
 use crate::error::{Error, Reason};
-use crate::metrics as m;
 use crate::prepare::Unit;
+use crate::telemetry;
 
 /// What identifies an input's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,7 +103,7 @@ impl ContentCache {
         if capacity == 0 {
             return None;
         }
-        metrics::gauge!(m::CACHE_BYTES).set(0.0);
+        metrics::gauge!(telemetry::CACHE_BYTES).set(0.0);
         Some(Arc::new(ContentCache {
             // Grown as entries come (a large --cache-mb costs nothing up front); eviction is done here.
             state: Mutex::new(State { stored: LruCache::unbounded(), in_flight: HashMap::new() }),
@@ -144,7 +144,7 @@ impl ContentCache {
             }
         };
         if count {
-            let name = if matches!(claim, Claim::Lead(..)) { m::CACHE_MISSES } else { m::CACHE_HITS };
+            let name = if matches!(claim, Claim::Lead(..)) { telemetry::CACHE_MISSES } else { telemetry::CACHE_HITS };
             metrics::counter!(name, "modality" => modality).increment(1);
         }
         claim
@@ -159,7 +159,7 @@ impl ContentCache {
             while st.stored.len() > self.capacity {
                 st.stored.pop_lru();
             }
-            metrics::gauge!(m::CACHE_BYTES).set((st.stored.len() * self.entry_bytes) as f64);
+            metrics::gauge!(telemetry::CACHE_BYTES).set((st.stored.len() * self.entry_bytes) as f64);
         }
         parked
     }
@@ -242,10 +242,10 @@ pub fn mib(mib: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batching::{Admission, AdmissionControl, BudgetPermit, Pending, Reply};
+    use crate::batching::{Admission, AdmissionControl, BudgetPermit, JobReceiver, Reply};
     use crate::prepare::UnitInput;
 
-    fn waiter(text: &str) -> (Parked, Pending) {
+    fn waiter(text: &str) -> (Parked, JobReceiver) {
         let (reply, rx) = Reply::channel();
         let admission = AdmissionControl::new(16);
         let ticket = futures::executor::block_on(admission.admit(1, Admission::Reject)).unwrap().pop().unwrap();

@@ -1,31 +1,12 @@
-//! Command-line flags. Every `serve` flag can also be set through an environment variable `CLIPSERVE_<FLAG>`.
+//! The flags of `clipserve serve`. Every one can also be set through an environment variable `CLIPSERVE_<FLAG>`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
-/// clipserve: CLIP ViT-B/32 embeddings over gRPC.
-#[derive(Debug, Parser)]
-#[command(name = "clipserve", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-// Parsed once at start: the size of the largest variant does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the gRPC service and the HTTP listener on one model.
-    Serve(ServeArgs),
-    /// Embed a folder, file list, JSONL, webdataset tar shards or Parquet files of images and texts through
-    /// EmbedStream on one or more servers (clip-retrieval, Parquet, npy or JSONL output; resumable; --shard I/N).
-    Embed(crate::client::embed::EmbedArgs),
-    /// Load a server (or time the raw model) and print throughput and latency.
-    Bench(crate::client::bench::BenchArgs),
-}
+use crate::duration::parse_duration;
 
 /// Flags of `clipserve serve`.
 #[derive(Debug, Clone, Args)]
@@ -286,40 +267,4 @@ pub enum AzureTask {
     Embeddings,
     /// `[{"probs": [...], "labels": [...]}, ...]`: the zero-shot image classification endpoint.
     ZeroShotImageClassification,
-}
-
-/// Parses durations such as `0`, `250us`, `2ms`, `1.5s`, `5m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let seconds = match unit.trim() {
-        "" if value == 0.0 => 0.0,
-        "ns" => value * 1e-9,
-        "us" | "µs" => value * 1e-6,
-        "ms" => value * 1e-3,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: use a unit of ns, us, ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("invalid duration {s:?}: out of range"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("99999999999999999999999h").is_err());
-    }
 }

@@ -1,29 +1,19 @@
 //! The request path shared by every transport: validation, admission, CPU preprocessing, queueing, and the
 //! assembly of each item's embeddings in request order.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::batching::{AdmissionControl, Batcher, BudgetPermit, Embedded, MemoryBudget, Pending, Reply, Ticket};
+use crate::batching::{AdmissionControl, Batcher, BudgetPermit, Embedded, JobReceiver, MemoryBudget, Reply, Ticket};
 use crate::cache::ContentCache;
 use crate::error::{Error, Reason};
 use crate::inputs::fetch::UrlFetcher;
 use crate::inputs::image::{ImagePreprocessor, PreprocessMode};
 use crate::inputs::text::ClipTokenizer;
-use crate::model::WorkerHealth;
 use crate::prepare::{PrepareContext, Preparer, RequestWork, Unit, UnitInput};
+use crate::state::ServerState;
 
-/// Where an item's image comes from.
-#[derive(Debug, Clone)]
-pub enum ImageSource {
-    /// An encoded image file.
-    Bytes(Vec<u8>),
-    /// Base64 of an encoded image file.
-    Base64(String),
-    /// An http(s) URL.
-    Url(String),
-}
+pub use crate::inputs::ImageSource;
 
 /// One item of a request, transport-independent.
 #[derive(Debug, Clone, Default)]
@@ -105,8 +95,8 @@ pub struct EngineParts {
     /// Threads of the CPU pool; 0 means one per core.
     pub cpu_threads: usize,
     pub info: ModelInfo,
-    /// The model workers' health, for readiness.
-    pub workers: Arc<WorkerHealth>,
+    /// The server's state (loaded, draining, model workers able to run), for readiness.
+    pub state: Arc<ServerState>,
     /// Testing only: tokenizing exactly this text panics.
     pub inject_panic_on_text: Option<String>,
     /// Bytes of embeddings the content cache may hold; 0 disables it.
@@ -120,9 +110,7 @@ pub struct Engine {
     budget: Arc<MemoryBudget>,
     fetcher: Arc<UrlFetcher>,
     limits: Limits,
-    ready: AtomicBool,
-    draining: AtomicBool,
-    workers: Arc<WorkerHealth>,
+    state: Arc<ServerState>,
     info: ModelInfo,
     cache: Option<Arc<ContentCache>>,
 }
@@ -130,7 +118,7 @@ pub struct Engine {
 /// The receivers of one item's jobs, or its validation error.
 enum ItemWork {
     Failed(Error),
-    Pending { image: Option<Pending>, text: Option<Pending> },
+    Submitted { image: Option<JobReceiver>, text: Option<JobReceiver> },
 }
 
 /// An image URL of a request, waiting to be fetched.
@@ -153,7 +141,7 @@ impl Engine {
             limits,
             cpu_threads,
             info,
-            workers,
+            state,
             inject_panic_on_text,
             cache_bytes,
         } = parts;
@@ -168,9 +156,7 @@ impl Engine {
             budget: Arc::new(MemoryBudget::new(limits.memory_budget_bytes)),
             fetcher: Arc::new(fetcher),
             limits,
-            ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            workers,
+            state,
             info,
             cache,
         })
@@ -196,30 +182,24 @@ impl Engine {
         &self.limits
     }
 
-    /// Marks the model loaded and warmed up.
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::SeqCst);
+    /// The server's state: loaded, draining, model workers able to run.
+    pub fn state(&self) -> &ServerState {
+        &self.state
     }
 
-    /// True once the model is loaded and warmed up, while at least one model worker is able to run batches, until
-    /// draining starts.
+    /// True while new work is accepted (see [`crate::state::Status::is_ready`]).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.is_draining() && self.workers.healthy() > 0
-    }
-
-    /// True once graceful shutdown has begun.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Refuses new work from now on (graceful shutdown); work already admitted completes.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.state.is_ready()
     }
 
     /// Inputs admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.admission.in_flight()
+    }
+
+    /// Resolves once no admitted input is left unfinished (graceful shutdown waits for it).
+    pub async fn until_idle(&self) {
+        self.admission.until_empty().await
     }
 
     /// Stops the preparation threads (after shutdown).
@@ -235,14 +215,8 @@ impl Engine {
         options: EmbedOptions,
     ) -> Result<Vec<Result<ItemOutput, Error>>, Error> {
         let EmbedOptions { normalize, deadline, admission, fail_fast, budget, item_label } = options;
-        if !self.is_ready() {
-            return Err(if self.is_draining() {
-                Error::new(Reason::ShuttingDown, "server is shutting down")
-            } else if self.ready.load(Ordering::SeqCst) {
-                Error::new(Reason::NoModelWorker, "no model worker is available right now")
-            } else {
-                Error::new(Reason::NotReady, "model is not loaded yet")
-            });
+        if let Some(refused) = self.state.status().refusal() {
+            return Err(refused);
         }
         if items.len() > self.limits.max_items_per_request {
             return Err(Error::new(
@@ -336,7 +310,7 @@ impl Engine {
                 };
                 let image = item.image.map(|source| unit(UnitInput::Image(source)));
                 let text = item.text.map(|text| unit(UnitInput::Text(text)));
-                ItemWork::Pending { image, text }
+                ItemWork::Submitted { image, text }
             })
             .collect();
         request.expect(urls.len());
@@ -418,7 +392,7 @@ async fn gather(
             let label = fail_fast.map(|name| name(index, &id));
             let result = match w {
                 ItemWork::Failed(e) => Err(e),
-                ItemWork::Pending { image, text } => {
+                ItemWork::Submitted { image, text } => {
                     let image = async {
                         match image {
                             Some(rx) => Some(await_job(rx).await),
@@ -454,7 +428,7 @@ async fn gather(
     Ok(out.into_iter().map(|r| r.expect("every item answered")).collect())
 }
 
-async fn await_job(rx: Pending) -> Result<Embedded, Error> {
+async fn await_job(rx: JobReceiver) -> Result<Embedded, Error> {
     rx.await.unwrap_or_else(|_| Err(Error::new(Reason::ModelFailure, "the item was dropped before it was embedded")))
 }
 

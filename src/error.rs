@@ -1,5 +1,4 @@
-//! One error type for every request path, and the one table that maps it to gRPC codes and HTTP statuses; and
-//! the API key check both transports share.
+//! One error type for every request path, and the one table that maps it to gRPC codes and HTTP statuses.
 
 use tonic::Code;
 
@@ -216,51 +215,8 @@ pub fn status_reason(status: &tonic::Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
 }
 
-/// The optional API key: a bearer token on HTTP, `authorization` metadata on gRPC.
-#[derive(Clone, Default)]
-pub struct ApiKey(Option<std::sync::Arc<str>>);
-
-impl ApiKey {
-    /// `None` (or an empty key) leaves the API open.
-    pub fn new(key: Option<String>) -> Self {
-        ApiKey(key.filter(|k| !k.is_empty()).map(Into::into))
-    }
-
-    /// Checks an `authorization` value (`Bearer KEY`, or the bare key), in constant time for keys of the right
-    /// length.
-    pub fn check(&self, authorization: Option<&str>) -> Result<(), Error> {
-        use subtle::ConstantTimeEq;
-        let Some(key) = &self.0 else { return Ok(()) };
-        let given = authorization.map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim()).unwrap_or("");
-        if given.as_bytes().ct_eq(key.as_bytes()).into() {
-            Ok(())
-        } else {
-            Err(Error::new(Reason::Unauthenticated, "missing or invalid API key"))
-        }
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "ApiKey(set)" } else { "ApiKey(none)" })
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn api_key() {
-        use super::ApiKey;
-        assert!(ApiKey::new(None).check(None).is_ok());
-        assert!(ApiKey::new(Some(String::new())).check(None).is_ok());
-        let k = ApiKey::new(Some("s3cret".into()));
-        assert!(k.check(Some("Bearer s3cret")).is_ok());
-        assert!(k.check(Some("s3cret")).is_ok());
-        assert!(k.check(Some("Bearer s3cre")).is_err());
-        assert!(k.check(Some("Bearer s3cret!")).is_err());
-        assert!(k.check(None).is_err());
-    }
-
     use super::*;
 
     #[test]

@@ -4,19 +4,23 @@
 //! CPU pool, then the per-modality queues of [`batching::Batcher`], from which the model worker threads of
 //! [`model`] form batches whenever they are free.
 
+pub mod auth;
 pub mod batching;
 pub mod cache;
+pub mod cli;
 pub mod client;
 pub mod config;
+pub mod duration;
 pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod inputs;
-pub mod metrics;
 pub mod model;
 pub mod prepare;
 pub mod server;
+pub mod state;
+pub mod telemetry;
 pub mod timing;
 pub mod tls;
 pub mod zeroshot;

@@ -1,7 +1,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use clipserve::config::{Cli, Command};
+use clipserve::cli::{Cli, Command};
 
 // jemalloc with background purging hands freed memory back to the system within seconds: after a burst of large
 // request bodies glibc's malloc kept over 100 MiB per burst resident in its per-thread arenas.

@@ -18,11 +18,11 @@ use std::time::Instant;
 
 use crate::batching::{Batcher, BudgetPermit, ImageInput, Job, Reply, TextInput, Ticket};
 use crate::cache::{CacheKey, Claim, ContentCache, Parked};
-use crate::engine::ImageSource;
 use crate::error::{Error, Reason};
 use crate::inputs::image::{decode_base64, ImagePreprocessor, PreprocessMode};
 use crate::inputs::text::ClipTokenizer;
-use crate::metrics as m;
+use crate::inputs::ImageSource;
+use crate::telemetry;
 
 /// Most images of one request prepared before they are queued together.
 const IMAGE_GROUP: usize = 32;
@@ -203,7 +203,7 @@ pub fn panicked(stage: &'static str, what: impl std::fmt::Display, panic: &(dyn 
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown panic".into());
-    metrics::counter!(m::PANICS, "stage" => stage).increment(1);
+    metrics::counter!(telemetry::PANICS, "stage" => stage).increment(1);
     tracing::error!(stage, "panic while handling {what}: {text}");
     Error::new(Reason::InternalPanic, format!("internal error while handling {what} (logged)"))
 }
@@ -343,11 +343,11 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
     let Unit { index, input, reply, ticket, held, key } = unit;
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     if reply.is_closed() {
-        metrics::counter!(m::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
+        metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
         return None;
     }
     if expired() {
-        metrics::counter!(m::DROPPED_ITEMS, "reason" => "deadline").increment(1);
+        metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "deadline").increment(1);
         let _ = reply.send(Err(Error::new(Reason::DeadlineExceeded, "deadline passed before the input was prepared")));
         return None;
     }
@@ -358,7 +358,7 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
             match guard("preprocess", format_args!("image of item {index}"), || decode_base64(&s)) {
                 Ok(bytes) => UnitInput::Image(ImageSource::Bytes(bytes)),
                 Err(e) => {
-                    metrics::histogram!(m::PREPROCESS_DURATION, "modality" => "image")
+                    metrics::histogram!(telemetry::PREPROCESS_DURATION, "modality" => "image")
                         .record(start.elapsed().as_secs_f64());
                     let _ = reply.send(Err(e));
                     return None;
@@ -406,7 +406,7 @@ fn prepare(context: &PrepareContext, unit: Unit, deadline: Option<Instant>) -> O
         }
     };
     reply.add_preprocess(resumed.elapsed());
-    metrics::histogram!(m::PREPROCESS_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(telemetry::PREPROCESS_DURATION, "modality" => modality).record(start.elapsed().as_secs_f64());
     drop(held); // the encoded bytes are gone
     match result {
         Ok(Ready::Image(input)) => Some(Prepared::Image(Job::new(input, deadline, reply).with_ticket(ticket))),

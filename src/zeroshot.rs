@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::batching::BudgetPermit;
 use crate::engine::{Admission, EmbedOptions, Engine, ItemInput};
 use crate::error::{Error, Reason};
-use crate::metrics as m;
+use crate::telemetry;
 
 /// The hypothesis template of transformers' zero-shot-image-classification pipeline.
 pub const DEFAULT_TEMPLATE: &str = "This is a photo of {}.";
@@ -183,8 +183,8 @@ impl LabelCache {
                     }
                 }
             }
-            metrics::counter!(m::LABEL_CACHE_HITS).increment(hits);
-            metrics::counter!(m::LABEL_CACHE_MISSES).increment(claim.keys.len() as u64);
+            metrics::counter!(telemetry::LABEL_CACHE_HITS).increment(hits);
+            metrics::counter!(telemetry::LABEL_CACHE_MISSES).increment(claim.keys.len() as u64);
             let computing = async {
                 if claim.keys.is_empty() {
                     return Ok(Vec::new());
@@ -208,7 +208,7 @@ impl LabelCache {
             for (d, value) in waited {
                 match value {
                     Some(v) => {
-                        metrics::counter!(m::LABEL_CACHE_HITS).increment(1);
+                        metrics::counter!(telemetry::LABEL_CACHE_HITS).increment(1);
                         found[d] = Some(v);
                     }
                     None => todo.push(d),
@@ -239,8 +239,8 @@ impl LabelCache {
             let Some((k, v)) = state.ready.pop_lru() else { break };
             state.bytes -= Self::entry_bytes(&k, &v);
         }
-        metrics::gauge!(m::LABEL_CACHE_BYTES).set(state.bytes as f64);
-        metrics::gauge!(m::LABEL_CACHE_ENTRIES).set(state.ready.len() as f64);
+        metrics::gauge!(telemetry::LABEL_CACHE_BYTES).set(state.bytes as f64);
+        metrics::gauge!(telemetry::LABEL_CACHE_ENTRIES).set(state.ready.len() as f64);
     }
 }
 

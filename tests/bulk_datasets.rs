@@ -162,7 +162,7 @@ print(json.dumps({"partitions": parts, "hidden": hidden}))
 /// The layout of `dir` as numpy and pyarrow read it: partitions by number, and the hidden files left.
 fn read_layout(dir: &Path) -> (BTreeMap<u64, Value>, Vec<String>) {
     let python = root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run deploy/test.sh", python.display());
+    assert!(python.exists(), "{} is missing: run dev/test.sh", python.display());
     let out = Command::new(python).arg("-c").arg(READ_LAYOUT).arg(dir).output().unwrap();
     assert!(out.status.success(), "reading the layout: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -636,8 +636,8 @@ async fn a_server_name_with_several_addresses_gets_a_stream_per_address_and_foll
         "--output",
         output.to_str().unwrap(),
     ];
-    let args = match <clipserve::config::Cli as clap::Parser>::parse_from(argv).command {
-        clipserve::config::Command::Embed(a) => a,
+    let args = match <clipserve::cli::Cli as clap::Parser>::parse_from(argv).command {
+        clipserve::cli::Command::Embed(a) => a,
         _ => unreachable!(),
     };
     let run = tokio::spawn(clipserve::client::embed::embed(args, resolver));

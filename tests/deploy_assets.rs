@@ -19,7 +19,7 @@ fn root() -> &'static Path {
 /// The project virtualenv's interpreter (made by deploy/setup.sh).
 fn python() -> PathBuf {
     let python = root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run deploy/test.sh (it sets up the virtualenv)", python.display());
+    assert!(python.exists(), "{} is missing: run dev/test.sh (it sets up the virtualenv)", python.display());
     python
 }
 
@@ -251,7 +251,7 @@ async fn the_python_client_embeds_a_folder_and_texts_as_the_server_does() {
     let out_file = work.path().join("embeddings.jsonl");
 
     let mut args = vec![
-        root().join("deploy/python_client/embed_folder.py").display().to_string(),
+        root().join("examples/python_client/embed_folder.py").display().to_string(),
         "--server".into(),
         server.grpc_addr.clone(),
         "--images".into(),

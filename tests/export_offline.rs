@@ -36,7 +36,7 @@ impl Drop for TempDir {
 #[test]
 fn random_init_export_never_touches_the_network() {
     let python = root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run deploy/test.sh (it sets up the virtualenv)", python.display());
+    assert!(python.exists(), "{} is missing: run dev/test.sh (it sets up the virtualenv)", python.display());
     let out_dir = TempDir(std::env::temp_dir().join(format!("clipserve-offline-export-{}", std::process::id())));
     let start = Instant::now();
     let out = Command::new(python)

@@ -1,8 +1,8 @@
-//! How far `--preprocess fast` is from the exact path: over the photo-like set of deploy/make_test_photos.py
+//! How far `--preprocess fast` is from the exact path: over the photo-like set of dev/make_test_photos.py
 //! (61 images: 57 JPEGs of many sizes and aspect ratios, gray, 4:2:0 / 4:2:2 / 4:4:4, progressive, qualities
 //! 60 to 98, one CMYK; PNG and WebP), the largest difference of a normalised pixel and the cosine between the
 //! embeddings the full-size ViT-B/32 (seeded random weights) gives the two tensors. Prints the worst figures (the
-//! README and deploy/BENCHMARKS.md quote them) and checks their bounds; what the fast path does not decode scaled
+//! README and dev/BENCHMARKS.md quote them) and checks their bounds; what the fast path does not decode scaled
 //! (other formats, CMYK, JPEGs whose short side is under twice the model's input) must come out identical.
 
 mod common;
@@ -24,7 +24,7 @@ fn photos() -> (PathBuf, Vec<Value>) {
 fn make_photos() -> (PathBuf, Vec<Value>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/test-photos");
-    let script = root.join("deploy/make_test_photos.py");
+    let script = root.join("dev/make_test_photos.py");
     let manifest = dir.join("manifest.json");
     let stale = match (std::fs::metadata(&manifest), std::fs::metadata(&script)) {
         (Ok(m), Ok(s)) => m.modified().unwrap() < s.modified().unwrap(),
@@ -33,7 +33,7 @@ fn make_photos() -> (PathBuf, Vec<Value>) {
     if stale {
         let python = root.join(".venv/bin/python");
         let status = Command::new(&python).arg(&script).arg("--out").arg(&dir).status().unwrap_or_else(|e| {
-            panic!("{}: {e}. The virtualenv is made by deploy/setup.sh (deploy/test.sh runs it)", python.display())
+            panic!("{}: {e}. The virtualenv is made by deploy/setup.sh (dev/test.sh runs it)", python.display())
         });
         assert!(status.success(), "{} failed", script.display());
     }
@@ -134,7 +134,7 @@ fn fast_preprocessing_stays_close_to_exact() {
         "model": "vit-b32",
         "weights": manifest.weights,
     });
-    // deploy/benchmark.py quotes it in deploy/BENCHMARKS.md.
+    // dev/benchmark.py quotes it in dev/BENCHMARKS.md.
     std::fs::write(dir.join("fidelity.json"), serde_json::to_string_pretty(&summary).unwrap()).unwrap();
     // The fast path really is another decode on the JPEGs it scales (which cannot give the same pixels) ...
     assert!(jpegs.len() >= 40, "{} JPEGs scaled", jpegs.len());

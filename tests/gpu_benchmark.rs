@@ -1,4 +1,4 @@
-//! deploy/gpu_benchmark.py, the benchmark meant for a machine with CUDA, runs here on the CPU with tiny counts
+//! dev/gpu_benchmark.py, the benchmark meant for a machine with CUDA, runs here on the CPU with tiny counts
 //! (`--quick --device cpu`, the tiny model): every stage runs, the one table it prints has every row with sane
 //! numbers and no failed call, its logs are kept, and its servers are gone when it ends. Asked for CUDA where
 //! there is none, it says so and stops.
@@ -19,14 +19,14 @@ fn root() -> &'static Path {
 /// Runs the benchmark script with the virtualenv's python, on the binary under test.
 fn run_benchmark(args: &[&str]) -> Output {
     let python = root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run deploy/test.sh (it sets up the virtualenv)", python.display());
+    assert!(python.exists(), "{} is missing: run dev/test.sh (it sets up the virtualenv)", python.display());
     Command::new(python)
-        .arg(root().join("deploy/gpu_benchmark.py"))
+        .arg(root().join("dev/gpu_benchmark.py"))
         .args(["--binary", env!("CARGO_BIN_EXE_clipserve")])
         .args(args)
         .current_dir(root())
         .output()
-        .expect("running deploy/gpu_benchmark.py")
+        .expect("running dev/gpu_benchmark.py")
 }
 
 fn report(out: &Output) -> String {
@@ -66,7 +66,7 @@ fn the_gpu_benchmark_runs_on_the_cpu_and_prints_one_table_of_sane_numbers() {
         "--out",
         out_dir.to_str().unwrap(),
     ]);
-    eprintln!("deploy/gpu_benchmark.py --quick --device cpu took {:?}", started.elapsed());
+    eprintln!("dev/gpu_benchmark.py --quick --device cpu took {:?}", started.elapsed());
     assert!(out.status.success(), "the benchmark failed:\n{}", report(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
 

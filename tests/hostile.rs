@@ -211,7 +211,10 @@ async fn a_small_call_is_not_stuck_behind_a_large_one() {
         c.embed(request(big)).await.unwrap();
         start.elapsed()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until("the large call is admitted", Duration::from_secs(10), || async {
+        server.metric("clipserve_admitted_items").await > 0.0
+    })
+    .await;
     let start = Instant::now();
     let mut c = client.clone();
     c.embed(request(vec![image("small", image_bytes("landscape_640x480.jpg"))])).await.unwrap();
@@ -401,7 +404,10 @@ async fn streams_behind_a_full_queue_stay_within_the_memory_budget() {
     let mut c = client.clone();
     let holder =
         tokio::spawn(async move { c.embed(request(vec![image("slow", scan_bomb(3000, 3000, 20_000))])).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("the slow item holds the queue slot", Duration::from_secs(10), || async {
+        server.metric("clipserve_admitted_items").await >= 1.0
+    })
+    .await;
     // Four streams, each offering 16 messages of 10 MB: without a budget they would buffer ~640 MB.
     let payload = vec![7u8; 10 << 20];
     let mut streams = Vec::new();
@@ -460,8 +466,14 @@ async fn a_panic_while_preparing_an_item_fails_that_item_only() {
     assert_eq!(answers[1].as_ref().unwrap().embeddings[0].text_features.len(), 512);
     assert_eq!(server.metric(r#"clipserve_panics_total{stage="tokenize"}"#).await, 2.0);
     // Logged once per panic, with the item's index, and never through the default panic hook.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log: Vec<String> = server.log.try_iter().collect();
+    let mut log: Vec<String> = Vec::new();
+    wait_until("both panics are logged", Duration::from_secs(10), || {
+        log.extend(server.log.try_iter());
+        let logged = log.iter().filter(|l| l.contains("injected preprocessing fault")).count();
+        async move { logged >= 2 }
+    })
+    .await;
+    log.extend(server.log.try_iter());
     let panics: Vec<&String> = log.iter().filter(|l| l.contains("injected preprocessing fault")).collect();
     assert_eq!(panics.len(), 2, "{panics:#?}");
     assert!(panics.iter().all(|l| l.contains("text of item 1")), "{panics:#?}");

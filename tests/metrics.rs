@@ -102,7 +102,7 @@ async fn a_stream_is_counted_with_its_final_status() {
     let status = responses.next().await.unwrap().unwrap_err();
     assert_ne!(status.code(), Code::Ok);
     assert!(responses.next().await.is_none());
-    let outcome = clipserve::metrics::outcome(status.code());
+    let outcome = clipserve::telemetry::outcome(status.code());
     assert_eq!(wait_for(&server, &requests("grpc", "EmbedStream", outcome), 1.0).await, 1.0, "{status:?}");
     assert_eq!(server.metric(&requests("grpc", "EmbedStream", "ok")).await, 0.0);
 

@@ -235,7 +235,7 @@ print(json.dumps({
 #[tokio::test(flavor = "multi_thread")]
 async fn mlflows_own_client_gets_the_grpc_numbers() {
     let python = root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run deploy/test.sh (it sets up the virtualenv)", python.display());
+    assert!(python.exists(), "{} is missing: run dev/test.sh (it sets up the virtualenv)", python.display());
     let server = TestServer::start(&model_dir("tiny"), &[]).await;
     let grpc = grpc_answers(&server).await;
     let images = fixtures_dir().join("images");

@@ -216,10 +216,12 @@ async fn shutdown_finishes_work_in_flight_and_exits_in_time() {
 
     let started = Instant::now();
     server.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Not ready at once, and new work is refused, while in-flight work goes on.
-    let ready = reqwest::get(format!("{}/ready", server.http_url())).await.unwrap().status();
-    assert_eq!(ready, 503);
+    // Not ready as soon as the signal is handled, and new work is refused, while in-flight work goes on.
+    let ready_url = format!("{}/ready", server.http_url());
+    wait_until("/ready answers 503", Duration::from_secs(10), || async {
+        reqwest::get(&ready_url).await.is_ok_and(|r| r.status() == 503)
+    })
+    .await;
     let mut late = client.clone();
     let refused = late.embed(request(vec![text("late", "too late")])).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");

@@ -896,7 +896,7 @@ async fn grpcio_and_clipserve_embed_clients_embed_over_mutual_tls() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = dir.path("out.jsonl");
     let args = [
-        "deploy/python_client/embed_folder.py".to_string(),
+        "examples/python_client/embed_folder.py".to_string(),
         "--server".into(),
         server.grpc_addr.clone(),
         "--tls-ca".into(),

@@ -1,6 +1,6 @@
 //! Zero-shot classification over the wire: gRPC `Classify` and the `zero-shot-image-classification` flavour of
 //! `/score` and `/invocations`, against transformers' zero-shot-image-classification pipeline on the same weights
-//! (deploy/make_test_fixtures.py); the label embedding cache and its metrics; the errors and their reasons.
+//! (dev/make_test_fixtures.py); the label embedding cache and its metrics; the errors and their reasons.
 
 mod common;
 
@@ -28,7 +28,7 @@ fn strings(v: &Value) -> Vec<String> {
 
 fn cases(model: &str) -> Vec<Case> {
     let f = fixtures();
-    let cases = f["models"][model]["zero_shot"].as_array().expect("zero-shot fixtures: run deploy/test.sh");
+    let cases = f["models"][model]["zero_shot"].as_array().expect("zero-shot fixtures: run dev/test.sh");
     assert!(cases.len() >= 4);
     cases
         .iter()

@@ -11,10 +11,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Reason};
-use crate::metrics as m;
+use crate::telemetry;
 
 /// What to do when there is no room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,18 +27,36 @@ pub enum Admission {
 
 /// The bound on inputs admitted and not yet answered.
 pub struct AdmissionControl {
+    shared: Arc<Shared>,
+}
+
+/// What the tickets share with their admission control.
+struct Shared {
     permits: Arc<Semaphore>,
     capacity: usize,
+    /// Signalled whenever the last admitted input is finished (graceful shutdown waits for it).
+    emptied: Notify,
+}
+
+impl Shared {
+    fn in_flight(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
 }
 
 /// One admitted input's share of the capacity, released (and the gauge lowered) when dropped.
 pub struct Ticket {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        metrics::gauge!(m::ADMITTED_ITEMS).decrement(1.0);
+        drop(self.permit.take());
+        metrics::gauge!(telemetry::ADMITTED_ITEMS).decrement(1.0);
+        if self.shared.in_flight() == 0 {
+            self.shared.emptied.notify_waiters();
+        }
     }
 }
 
@@ -51,12 +69,28 @@ impl std::fmt::Debug for Ticket {
 impl AdmissionControl {
     /// Room for `capacity` inputs.
     pub fn new(capacity: usize) -> Self {
-        AdmissionControl { permits: Arc::new(Semaphore::new(capacity)), capacity }
+        AdmissionControl {
+            shared: Arc::new(Shared { permits: Arc::new(Semaphore::new(capacity)), capacity, emptied: Notify::new() }),
+        }
     }
 
     /// Inputs admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.capacity - self.permits.available_permits()
+        self.shared.in_flight()
+    }
+
+    /// Resolves once no admitted input is left unfinished (at once if none is).
+    pub async fn until_empty(&self) {
+        loop {
+            let emptied = self.shared.emptied.notified();
+            tokio::pin!(emptied);
+            // Registered before the check, so that a ticket dropped in between still wakes this task.
+            emptied.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// Admits `n` inputs at once (all or none): one ticket each.
@@ -64,34 +98,33 @@ impl AdmissionControl {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if n > self.capacity {
+        let capacity = self.shared.capacity;
+        if n > capacity {
             return Err(Error::new(
                 Reason::TooManyItems,
-                format!("request of {n} inputs exceeds the queue capacity of {}", self.capacity),
+                format!("request of {n} inputs exceeds the queue capacity of {capacity}"),
             ));
         }
         let count = u32::try_from(n).map_err(|_| Error::new(Reason::TooManyItems, "too many inputs"))?;
         let mut permit = match mode {
-            Admission::Reject => self.permits.clone().try_acquire_many_owned(count).map_err(|_| {
-                Error::new(
-                    Reason::QueueFull,
-                    format!("server over capacity ({} inputs queued); retry later", self.capacity),
-                )
+            Admission::Reject => self.shared.permits.clone().try_acquire_many_owned(count).map_err(|_| {
+                Error::new(Reason::QueueFull, format!("server over capacity ({capacity} inputs queued); retry later"))
             })?,
             Admission::Wait => self
+                .shared
                 .permits
                 .clone()
                 .acquire_many_owned(count)
                 .await
                 .map_err(|_| Error::new(Reason::ShuttingDown, "server is shutting down"))?,
         };
-        metrics::gauge!(m::ADMITTED_ITEMS).increment(n as f64);
+        metrics::gauge!(telemetry::ADMITTED_ITEMS).increment(n as f64);
         let mut tickets = Vec::with_capacity(n);
         for _ in 1..n {
             let one = permit.split(1).expect("a permit of n > 1 splits");
-            tickets.push(Ticket { _permit: one });
+            tickets.push(Ticket { permit: Some(one), shared: self.shared.clone() });
         }
-        tickets.push(Ticket { _permit: permit });
+        tickets.push(Ticket { permit: Some(permit), shared: self.shared.clone() });
         Ok(tickets)
     }
 }
@@ -128,7 +161,7 @@ impl BudgetPermit {
 impl Drop for BudgetPermit {
     fn drop(&mut self) {
         if self.kib > 0 {
-            metrics::gauge!(m::BUDGET_BYTES).decrement(self.kib as f64 * 1024.0);
+            metrics::gauge!(telemetry::BUDGET_BYTES).decrement(self.kib as f64 * 1024.0);
         }
     }
 }
@@ -190,7 +223,7 @@ impl MemoryBudget {
                 permit.map_err(|_| Error::new(Reason::ShuttingDown, "server is shutting down"))?
             }
         };
-        metrics::gauge!(m::BUDGET_BYTES).increment(kib as f64 * 1024.0);
+        metrics::gauge!(telemetry::BUDGET_BYTES).increment(kib as f64 * 1024.0);
         Ok(BudgetPermit { _permit: Some(permit), kib })
     }
 }
@@ -213,6 +246,23 @@ mod tests {
         drop((t, more));
         assert_eq!(a.in_flight(), 0);
         assert_eq!(a.admit(5, Admission::Wait).await.unwrap_err().reason(), Reason::TooManyItems);
+    }
+
+    #[tokio::test]
+    async fn until_empty_resolves_when_the_last_ticket_is_dropped() {
+        let a = Arc::new(AdmissionControl::new(4));
+        a.until_empty().await; // nothing admitted: at once
+        let mut tickets = a.admit(2, Admission::Reject).await.unwrap();
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move { a.until_empty().await }
+        });
+        tokio::task::yield_now().await;
+        tickets.pop();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one input is still admitted");
+        drop(tickets);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("signalled").unwrap();
     }
 
     #[tokio::test]

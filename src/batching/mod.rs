@@ -19,10 +19,10 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Reason};
-use crate::metrics as m;
+use crate::telemetry;
 
 pub use admission::{Admission, AdmissionControl, BudgetPermit, MemoryBudget, Ticket};
-pub use reply::{Embedded, ItemTiming, Pending, Reply};
+pub use reply::{Embedded, ItemTiming, JobReceiver, Reply};
 
 /// A preprocessed image: normalized CHW float32 pixels, `3 * size * size` values.
 pub struct ImageInput {
@@ -174,23 +174,23 @@ fn take<T>(queue: &mut VecDeque<Job<T>>, max: usize, stats: &mut BatcherStats, m
         popped += 1;
         match fate(&job, now) {
             Fate::Run => {
-                metrics::histogram!(m::QUEUE_DURATION, "modality" => modality.as_str())
+                metrics::histogram!(telemetry::QUEUE_DURATION, "modality" => modality.as_str())
                     .record(now.duration_since(job.enqueued_at).as_secs_f64());
                 job.reply.taken(now);
                 batch.push(job);
             }
             Fate::Cancelled => {
                 stats.dropped_cancelled += 1;
-                metrics::counter!(m::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
+                metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "cancelled").increment(1);
             }
             Fate::Expired => {
                 stats.dropped_deadline += 1;
-                metrics::counter!(m::DROPPED_ITEMS, "reason" => "deadline").increment(1);
+                metrics::counter!(telemetry::DROPPED_ITEMS, "reason" => "deadline").increment(1);
                 let _ = job.reply.send(Err(Error::new(Reason::DeadlineExceeded, "deadline passed while queued")));
             }
         }
     }
-    metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).decrement(popped as f64);
+    metrics::gauge!(telemetry::QUEUE_DEPTH, "modality" => modality.as_str()).decrement(popped as f64);
     batch
 }
 
@@ -243,7 +243,7 @@ impl Batcher {
             j
         }));
         drop(q);
-        metrics::gauge!(m::QUEUE_DEPTH, "modality" => modality.as_str()).increment(n as f64);
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "modality" => modality.as_str()).increment(n as f64);
         // Not notify_one: the worker woken could be one holding the other modality open, which would go back to
         // waiting while an idle worker sleeps on.
         self.work.notify_all();
@@ -320,7 +320,7 @@ impl Batcher {
             if batch.is_empty() {
                 continue; // everything taken was stale; look again
             }
-            metrics::histogram!(m::BATCH_SIZE, "modality" => modality.as_str()).record(batch.len() as f64);
+            metrics::histogram!(telemetry::BATCH_SIZE, "modality" => modality.as_str()).record(batch.len() as f64);
             stats.batches += 1;
             stats.largest_batch = stats.largest_batch.max(batch.len());
             return Some(batch);
@@ -351,12 +351,12 @@ mod tests {
         BatcherConfig { max_batch_images: images, max_batch_texts: texts, max_batch_delay: Duration::ZERO }
     }
 
-    fn text_job(id: i64) -> (Job<TextInput>, Pending) {
+    fn text_job(id: i64) -> (Job<TextInput>, JobReceiver) {
         let (tx, rx) = Reply::channel();
         (Job::new(TextInput { ids: vec![id] }, None, tx), rx)
     }
 
-    fn image_job() -> (Job<ImageInput>, Pending) {
+    fn image_job() -> (Job<ImageInput>, JobReceiver) {
         let (tx, rx) = Reply::channel();
         (Job::new(ImageInput { pixels: vec![0.0] }, None, tx), rx)
     }

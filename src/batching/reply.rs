@@ -39,7 +39,7 @@ pub struct Embedded {
 }
 
 /// The receiving end of a [`Reply`].
-pub type Pending = oneshot::Receiver<Result<Embedded, Error>>;
+pub type JobReceiver = oneshot::Receiver<Result<Embedded, Error>>;
 
 /// Where one input's embedding (or its error) is delivered. It keeps the input's timings: created at admission,
 /// it is told the time spent preparing ([`Reply::add_preprocess`]) and when a model worker took the input
@@ -56,7 +56,7 @@ pub struct Reply {
 
 impl Reply {
     /// A reply and the receiver its answer arrives on; its clock starts now.
-    pub fn channel() -> (Reply, Pending) {
+    pub fn channel() -> (Reply, JobReceiver) {
         let (tx, rx) = oneshot::channel();
         let reply =
             Reply { tx, created: Instant::now(), preprocess: Duration::ZERO, taken: None, tokens: 0, lead: None };

@@ -3,6 +3,7 @@
 //! one thread. Prints throughput and latency percentiles (or per-stage times); optionally writes JSON.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::config::parse_duration;
+use crate::duration::parse_duration;
 use crate::inputs::image::{ImagePreprocessor, PreprocessMode, StageTimes};
 use crate::pb::{embedder_client::EmbedderClient, item::Image, EmbedRequest, Item};
 
@@ -213,139 +214,190 @@ struct Tally {
 
 async fn load(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(args.concurrency > 0 && args.items > 0, "--concurrency and --items must be positive");
-    let image = match args.kind {
+    let image = read_image(args)?;
+    let channel = Channel::from_shared(args.server.clone())?.connect().await.context("connecting")?;
+    let client = EmbedderClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+    let started = Instant::now();
+    let run = Arc::new(Run {
+        args: args.clone(),
+        image,
+        tally: Default::default(),
+        // With --requests every answer counts; with --duration only those after --warmup.
+        measuring: AtomicBool::new(args.requests.is_some()),
+        sent: AtomicU64::new(0),
+        end: started + args.warmup + args.duration,
+    });
+    if args.requests.is_none() {
+        let run = run.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(run.args.warmup).await;
+            run.measuring.store(true, Ordering::SeqCst);
+        });
+    }
+    let tasks: Vec<_> = (0..args.concurrency)
+        .map(|worker| {
+            let (client, run) = (client.clone(), run.clone());
+            tokio::spawn(async move {
+                if run.args.stream {
+                    stream_load(client, run, worker).await
+                } else {
+                    unary_load(client, run, worker).await
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(run.report(started))
+}
+
+/// The image sent by `--kind image`.
+fn read_image(args: &BenchArgs) -> anyhow::Result<Option<Arc<Vec<u8>>>> {
+    Ok(match args.kind {
         Kind::Image => {
             let path = args.image.as_ref().context("--kind image needs --image FILE")?;
             Some(Arc::new(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?))
         }
         Kind::Text => None,
-    };
-    let channel = Channel::from_shared(args.server.clone())?.connect().await.context("connecting")?;
-    let client = EmbedderClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
-    let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
-    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let started = Instant::now();
-    let end = started + args.warmup + args.duration;
-    let budget = args.requests;
-    let keep_going = {
-        let sent = sent.clone();
-        move || match budget {
-            Some(n) => sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n,
-            None => Instant::now() < end,
-        }
-    };
-    if budget.is_some() {
-        measuring.store(true, std::sync::atomic::Ordering::SeqCst);
-    } else {
-        let measuring = measuring.clone();
-        let warmup = args.warmup;
-        tokio::spawn(async move {
-            tokio::time::sleep(warmup).await;
-            measuring.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-    }
-    let mut tasks = Vec::new();
-    for worker in 0..args.concurrency {
-        let (mut client, args, image, tally, measuring, keep_going) =
-            (client.clone(), args.clone(), image.clone(), tally.clone(), measuring.clone(), keep_going.clone());
-        tasks.push(tokio::spawn(async move {
-            let record = |t0: Instant, outcome: Result<(), String>| {
-                if !measuring.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
-                let mut t = tally.lock().unwrap();
-                match outcome {
-                    Ok(()) => {
-                        t.ok += 1;
-                        t.latencies.push(t0.elapsed());
-                    }
-                    Err(e) => {
-                        t.failed += 1;
-                        if t.errors.len() < 20 {
-                            t.errors.push(e);
-                        }
-                    }
-                }
-            };
-            if !args.stream {
-                let mut n = 0u64;
-                while keep_going() {
-                    n += 1;
-                    let items = make_items(&args, &image, worker as u64 * 1_000_000 + n);
-                    let t0 = Instant::now();
-                    let r = client.embed(EmbedRequest { items, normalize: false }).await;
-                    record(t0, r.map(|_| ()).map_err(|s| format!("{:?}: {}", s.code(), s.message())));
-                }
-                return;
-            }
-            // Streaming: a bounded window of messages in flight; answers come back in order.
-            let (tx, rx) = mpsc::channel::<EmbedRequest>(args.window.max(1));
-            let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Instant>();
-            let producer = {
-                let (args, image, keep_going) = (args.clone(), image.clone(), keep_going.clone());
-                let permits = Arc::new(tokio::sync::Semaphore::new(args.window.max(1)));
-                let p2 = permits.clone();
-                (
-                    tokio::spawn(async move {
-                        let mut n = 0u64;
-                        while keep_going() {
-                            let permit = p2.clone().acquire_owned().await.unwrap();
-                            permit.forget();
-                            n += 1;
-                            let items = make_items(&args, &image, worker as u64 * 1_000_000 + n);
-                            let _ = sent_tx.send(Instant::now());
-                            if tx.send(EmbedRequest { items, normalize: false }).await.is_err() {
-                                break;
-                            }
-                        }
-                    }),
-                    permits,
-                )
-            };
-            let (producer, permits) = producer;
-            match client.embed_stream(ReceiverStream::new(rx)).await {
-                Ok(response) => {
-                    let mut answers = response.into_inner();
-                    while let Some(answer) = answers.next().await {
-                        let t0 = sent_rx.recv().await.unwrap_or_else(Instant::now);
-                        permits.add_permits(1);
-                        let outcome = match answer {
-                            Ok(r) => match r.embeddings.iter().find_map(|e| e.error.as_ref()) {
-                                Some(e) => Err(format!("item error {}: {}", e.code, e.message)),
-                                None => Ok(()),
-                            },
-                            Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-                        };
-                        record(t0, outcome);
-                    }
-                }
-                Err(s) => record(Instant::now(), Err(format!("{:?}: {}", s.code(), s.message()))),
-            }
-            producer.abort();
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    let seconds = match budget {
-        Some(_) => started.elapsed().as_secs_f64(),
-        None => (started.elapsed().saturating_sub(args.warmup)).as_secs_f64(),
-    };
-    let t = std::mem::take(&mut *tally.lock().unwrap());
-    Ok(BenchReport {
-        mode: if args.stream { "grpc-stream".into() } else { "grpc-unary".into() },
-        kind: args.kind,
-        concurrency: args.concurrency,
-        items_per_request: args.items,
-        seconds,
-        requests_ok: t.ok,
-        requests_failed: t.failed,
-        items_per_second: t.ok as f64 * args.items as f64 / seconds,
-        requests_per_second: t.ok as f64 / seconds,
-        latency_ms: Latency::from_samples(t.latencies),
-        errors: t.errors,
     })
+}
+
+/// What the load tasks of a run share.
+struct Run {
+    args: BenchArgs,
+    image: Option<Arc<Vec<u8>>>,
+    tally: std::sync::Mutex<Tally>,
+    /// False during the warm-up: answers are not counted.
+    measuring: AtomicBool,
+    /// Requests started, for `--requests`.
+    sent: AtomicU64,
+    /// When `--duration` ends (after the warm-up).
+    end: Instant,
+}
+
+impl Run {
+    /// True while another request should go out: fewer than `--requests` sent, or `--duration` not over.
+    fn keep_going(&self) -> bool {
+        match self.args.requests {
+            Some(n) => self.sent.fetch_add(1, Ordering::SeqCst) < n,
+            None => Instant::now() < self.end,
+        }
+    }
+
+    /// The items of `worker`'s `n`-th request.
+    fn items(&self, worker: usize, n: u64) -> Vec<Item> {
+        make_items(&self.args, &self.image, worker as u64 * 1_000_000 + n)
+    }
+
+    /// Counts one answer (sent at `t0`) once the warm-up is over.
+    fn record(&self, t0: Instant, outcome: Result<(), String>) {
+        if !self.measuring.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut t = self.tally.lock().unwrap();
+        match outcome {
+            Ok(()) => {
+                t.ok += 1;
+                t.latencies.push(t0.elapsed());
+            }
+            Err(e) => {
+                t.failed += 1;
+                if t.errors.len() < 20 {
+                    t.errors.push(e);
+                }
+            }
+        }
+    }
+
+    /// The report of the finished run.
+    fn report(&self, started: Instant) -> BenchReport {
+        let args = &self.args;
+        let seconds = match args.requests {
+            Some(_) => started.elapsed().as_secs_f64(),
+            None => (started.elapsed().saturating_sub(args.warmup)).as_secs_f64(),
+        };
+        let t = std::mem::take(&mut *self.tally.lock().unwrap());
+        BenchReport {
+            mode: if args.stream { "grpc-stream".into() } else { "grpc-unary".into() },
+            kind: args.kind,
+            concurrency: args.concurrency,
+            items_per_request: args.items,
+            seconds,
+            requests_ok: t.ok,
+            requests_failed: t.failed,
+            items_per_second: t.ok as f64 * args.items as f64 / seconds,
+            requests_per_second: t.ok as f64 / seconds,
+            latency_ms: Latency::from_samples(t.latencies),
+            errors: t.errors,
+        }
+    }
+}
+
+/// A status as the report lists it.
+fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// One load task on `Embed`: a call at a time.
+async fn unary_load(mut client: EmbedderClient<Channel>, run: Arc<Run>, worker: usize) {
+    let mut n = 0u64;
+    while run.keep_going() {
+        n += 1;
+        let items = run.items(worker, n);
+        let t0 = Instant::now();
+        let r = client.embed(EmbedRequest { items, normalize: false }).await;
+        run.record(t0, r.map(|_| ()).map_err(|s| status_text(&s)));
+    }
+}
+
+/// One load task on `EmbedStream`: a bounded window of messages in flight; answers come back in order.
+async fn stream_load(mut client: EmbedderClient<Channel>, run: Arc<Run>, worker: usize) {
+    let window = run.args.window.max(1);
+    let (tx, rx) = mpsc::channel::<EmbedRequest>(window);
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Instant>();
+    let permits = Arc::new(tokio::sync::Semaphore::new(window));
+    let producer = tokio::spawn(produce(run.clone(), worker, permits.clone(), tx, sent_tx));
+    match client.embed_stream(ReceiverStream::new(rx)).await {
+        Ok(response) => {
+            let mut answers = response.into_inner();
+            while let Some(answer) = answers.next().await {
+                let t0 = sent_rx.recv().await.unwrap_or_else(Instant::now);
+                permits.add_permits(1);
+                let outcome = match answer {
+                    Ok(r) => match r.embeddings.iter().find_map(|e| e.error.as_ref()) {
+                        Some(e) => Err(format!("item error {}: {}", e.code, e.message)),
+                        None => Ok(()),
+                    },
+                    Err(s) => Err(status_text(&s)),
+                };
+                run.record(t0, outcome);
+            }
+        }
+        Err(s) => run.record(Instant::now(), Err(status_text(&s))),
+    }
+    producer.abort();
+}
+
+/// Sends a stream's messages while the run goes on, each once a window slot is free, noting when it was sent.
+async fn produce(
+    run: Arc<Run>,
+    worker: usize,
+    slots: Arc<tokio::sync::Semaphore>,
+    tx: mpsc::Sender<EmbedRequest>,
+    sent_tx: mpsc::UnboundedSender<Instant>,
+) {
+    let mut n = 0u64;
+    while run.keep_going() {
+        let permit = slots.clone().acquire_owned().await.unwrap();
+        permit.forget();
+        n += 1;
+        let items = run.items(worker, n);
+        let _ = sent_tx.send(Instant::now());
+        if tx.send(EmbedRequest { items, normalize: false }).await.is_err() {
+            break;
+        }
+    }
 }
 
 /// What `--preprocess` measured for one image in one mode.

@@ -15,11 +15,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{Admission, EmbedOptions, Engine, ImageSource, ItemInput, ItemOutput};
 use crate::error::Error;
-use crate::metrics as m;
-use crate::metrics::layer::CallStart;
 use crate::model::faults::Faults;
 use crate::pb;
 use crate::pb::embedder_server::Embedder;
+use crate::telemetry;
+use crate::telemetry::layer::CallStart;
 use crate::zeroshot::{Classification, Classifier, ClassifyOptions};
 
 /// The `clipserve.v1.Embedder` service.
@@ -84,17 +84,6 @@ where
     F: std::future::Future<Output = Result<T, Status>>,
 {
     Guarded { inner: future, what }
-}
-
-/// The gRPC side of the API key: checks the `authorization` metadata of every Embedder call.
-pub fn api_key_interceptor(
-    key: crate::error::ApiKey,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |request: Request<()>| {
-        let value = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        key.check(value)?;
-        Ok(request)
-    }
 }
 
 /// How much earlier than its `grpc-timeout` a call gives up. tonic's server enforces the same header itself from
@@ -213,7 +202,7 @@ impl Embedder for EmbedderService {
                     let engine = engine.clone();
                     async move {
                         let message = message?;
-                        metrics::counter!(m::STREAM_MESSAGES).increment(1);
+                        metrics::counter!(telemetry::STREAM_MESSAGES).increment(1);
                         // The message's bytes are held against the budget until its inputs are prepared.
                         let size = prost::Message::encoded_len(&message);
                         let budget = engine.budget().acquire(size, Admission::Wait, deadline).await;

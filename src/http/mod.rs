@@ -25,7 +25,7 @@ use crate::batching::BudgetPermit;
 use crate::config::AzureTask;
 use crate::engine::{Admission, EmbedOptions, Engine};
 use crate::error::{Error, Reason};
-use crate::metrics::layer::CallStart;
+use crate::telemetry::layer::CallStart;
 use crate::timing::Stages;
 use crate::zeroshot::{Classifier, ClassifyOptions};
 
@@ -41,7 +41,7 @@ pub struct HttpState {
     /// Largest request body accepted (413 past it).
     pub max_request_bytes: usize,
     /// Checked on the scoring routes.
-    pub api_key: crate::error::ApiKey,
+    pub api_key: crate::auth::ApiKey,
     /// Longest text cell, in characters (413 past it, found while the body is parsed).
     pub max_text_chars: usize,
     /// Time allowed to receive a whole request body (408 past it).
@@ -75,7 +75,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/ready", get(ready))
         .route("/ping", get(ping))
         .route("/version", get(version))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(prometheus_metrics))
         .merge(score)
         .merge(invocations)
         .merge(openai)
@@ -90,7 +90,7 @@ pub fn probe_router(state: HttpState) -> Router {
         .route("/", get(live))
         .route("/health", get(live))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(prometheus_metrics))
         .with_state(state)
         .layer(tower::layer::layer_fn(|inner| panic::CatchPanic(inner, Error::into_response)))
 }
@@ -422,6 +422,6 @@ async fn version() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], env!("CARGO_PKG_VERSION"))
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+async fn prometheus_metrics(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

@@ -1,4 +1,4 @@
-//! Shared test support: the reference fixtures written by deploy/make_test_fixtures.py, and a real
+//! Shared test support: the reference fixtures written by dev/make_test_fixtures.py, and a real
 //! `clipserve serve` process on port 0.
 #![allow(dead_code)]
 
@@ -19,13 +19,39 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-fixtures"))
 }
 
-/// The parsed `fixtures.json`. Missing fixtures are a setup error, reported loudly: run deploy/test.sh.
+/// The parsed `fixtures.json`. Missing fixtures stop the test binary with one line naming the command that
+/// prepares them (see [`missing_fixtures`]).
 pub fn fixtures() -> Value {
     let path = fixtures_dir().join("fixtures.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{}: {e}. The reference data is made by deploy/test.sh (run it instead of cargo test)", path.display())
-    });
+    let Ok(text) = std::fs::read_to_string(&path) else { missing_fixtures(&path) };
     serde_json::from_str(&text).expect("fixtures.json")
+}
+
+/// Exits the test binary, saying in one line which command prepares what is missing. Every test of the binary
+/// needs the same data, so one line says it better than a panic per test.
+pub fn missing_fixtures(path: &Path) -> ! {
+    use std::io::Write;
+    // Straight to the process's stderr: the test harness captures eprintln!, and would drop it on exit.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} is missing: the tests need the exported test models and reference data; run dev/test.sh (it prepares \
+         them, then runs cargo test with the same arguments)",
+        path.display()
+    );
+    std::process::exit(2)
+}
+
+/// Waits up to `timeout` for `condition` to hold, checking every 20 ms; panics naming `what` if it never does.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "waited {timeout:?} in vain until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Model directory of a fixture model (`tiny` or `vit-b32`).

@@ -529,98 +529,129 @@ pub(super) async fn drive(
 /// One stream on a connected channel: keeps up to `--window` messages in flight and hands what comes back to the
 /// writer. Returns how it ended and whether any answer came; what it had in flight and unanswered is back in the
 /// queue (or, for a refused message, in the errors).
-async fn session(channel: Channel, shared: &Arc<Shared>, mut retire: watch::Receiver<bool>) -> (Ending, bool) {
+async fn session(channel: Channel, shared: &Arc<Shared>, retire: watch::Receiver<bool>) -> (Ending, bool) {
     let mut client =
         EmbedderClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(usize::MAX);
     let window = shared.args.window.max(1);
     let (tx, rx) = mpsc::channel::<EmbedRequest>(window);
     let in_flight: Arc<Mutex<InFlight>> = Arc::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(window));
-    let sender = {
-        let (shared, in_flight, slots, retire) = (shared.clone(), in_flight.clone(), slots.clone(), retire.clone());
-        tokio::spawn(async move {
-            loop {
-                let permit = slots.clone().acquire_owned().await.expect("semaphore");
-                let chunk = loop {
-                    let notified = shared.more.notified();
-                    if *retire.borrow() || shared.is_over() {
-                        break None;
-                    }
-                    if let Some(c) = shared.take() {
-                        break Some(c);
-                    }
-                    // Wake up now and then: work comes back from other streams, or after its backoff.
-                    let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
-                };
-                let Some(chunk) = chunk else { return };
-                // From the take to the push no await: a chunk taken is always either in flight or settled.
-                let message = to_message(&shared, &chunk);
-                in_flight.lock().unwrap().push_back(chunk);
-                permit.forget();
-                if tx.send(message).await.is_err() {
-                    return;
-                }
-            }
-        })
+    let sender = tokio::spawn(send_messages(shared.clone(), in_flight.clone(), slots.clone(), retire.clone(), tx));
+    let (ending, answered) = match client.embed_stream(stream_request(shared, rx)).await {
+        Err(status) => (ending_of(&status), false),
+        Ok(response) => receive_answers(response.into_inner(), shared, &in_flight, &slots, retire).await,
     };
+    sender.abort();
+    let _ = sender.await;
+    let unanswered: Vec<Chunk> = in_flight.lock().unwrap().drain(..).collect();
+    (settle_unanswered(shared, ending, unanswered), answered)
+}
+
+/// The stream's sending side: takes work from the queue whenever a window slot is free, until the address
+/// retires or nothing is left.
+async fn send_messages(
+    shared: Arc<Shared>,
+    in_flight: Arc<Mutex<InFlight>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    retire: watch::Receiver<bool>,
+    tx: mpsc::Sender<EmbedRequest>,
+) {
+    loop {
+        let permit = slots.clone().acquire_owned().await.expect("semaphore");
+        let chunk = loop {
+            let notified = shared.more.notified();
+            if *retire.borrow() || shared.is_over() {
+                break None;
+            }
+            if let Some(c) = shared.take() {
+                break Some(c);
+            }
+            // Wake up now and then: work comes back from other streams, or after its backoff.
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        };
+        let Some(chunk) = chunk else { return };
+        // From the take to the push no await: a chunk taken is always either in flight or settled.
+        let message = to_message(&shared, &chunk);
+        in_flight.lock().unwrap().push_back(chunk);
+        permit.forget();
+        if tx.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The stream call, with the API key when one is given.
+fn stream_request(shared: &Shared, rx: mpsc::Receiver<EmbedRequest>) -> tonic::Request<ReceiverStream<EmbedRequest>> {
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(key) = &shared.args.api_key {
         if let Ok(v) = format!("Bearer {key}").parse() {
             request.metadata_mut().insert("authorization", v);
         }
     }
+    request
+}
+
+/// How a stream that failed with `status` ended.
+fn ending_of(status: &tonic::Status) -> Ending {
+    let p = Problem::from_status(status);
+    match verdict(status) {
+        Verdict::Retry => Ending::Broke(p),
+        Verdict::Permanent => Ending::Refused(p),
+        Verdict::Fatal => Ending::Fatal(p),
+    }
+}
+
+/// The stream's receiving side: matches each answer with the oldest message in flight and settles it, until the
+/// stream ends, nothing is left, or the address retires with nothing in flight. Returns how it ended and whether
+/// any answer came.
+async fn receive_answers(
+    mut answers: tonic::Streaming<EmbedResponse>,
+    shared: &Arc<Shared>,
+    in_flight: &Mutex<InFlight>,
+    slots: &tokio::sync::Semaphore,
+    mut retire: watch::Receiver<bool>,
+) -> (Ending, bool) {
     let mut answered = false;
-    let failed = |status: tonic::Status| {
-        let p = Problem::from_status(&status);
-        match verdict(&status) {
-            Verdict::Retry => Ending::Broke(p),
-            Verdict::Permanent => Ending::Refused(p),
-            Verdict::Fatal => Ending::Fatal(p),
-        }
-    };
     let mut over = shared.over.subscribe();
     let mut retiring = false;
     let drained = |in_flight: &Mutex<InFlight>| in_flight.lock().unwrap().is_empty();
-    let ending = match client.embed_stream(request).await {
-        Err(status) => failed(status),
-        Ok(response) => {
-            let mut answers = response.into_inner();
-            loop {
-                let next = tokio::select! {
-                    next = answers.next() => next,
-                    // Nothing is left to answer.
-                    _ = over.wait_for(|o| *o) => break Ending::Finished,
-                    // The address is leaving: no new messages; end once the ones in flight are answered.
-                    _ = retire.wait_for(|r| *r), if !retiring => {
-                        retiring = true;
-                        if drained(&in_flight) {
-                            break Ending::Finished;
-                        }
-                        continue;
-                    }
+    let ending = loop {
+        let next = tokio::select! {
+            next = answers.next() => next,
+            // Nothing is left to answer.
+            _ = over.wait_for(|o| *o) => break Ending::Finished,
+            // The address is leaving: no new messages; end once the ones in flight are answered.
+            _ = retire.wait_for(|r| *r), if !retiring => {
+                retiring = true;
+                if drained(in_flight) {
+                    break Ending::Finished;
+                }
+                continue;
+            }
+        };
+        match next {
+            Some(Ok(answer)) => {
+                answered = true;
+                slots.add_permits(1);
+                let Some(chunk) = in_flight.lock().unwrap().pop_front() else {
+                    break Ending::Broke(Problem::new("INTERNAL", "", "an answer for no message"));
                 };
-                match next {
-                    Some(Ok(answer)) => {
-                        answered = true;
-                        slots.add_permits(1);
-                        let Some(chunk) = in_flight.lock().unwrap().pop_front() else {
-                            break Ending::Broke(Problem::new("INTERNAL", "", "an answer for no message"));
-                        };
-                        settle_answer(shared, chunk, answer);
-                        if retiring && drained(&in_flight) {
-                            break Ending::Finished;
-                        }
-                    }
-                    Some(Err(status)) => break failed(status),
-                    None if shared.is_over() => break Ending::Finished,
-                    None => break Ending::Broke(Problem::new("UNAVAILABLE", "", "the stream ended early")),
+                settle_answer(shared, chunk, answer);
+                if retiring && drained(in_flight) {
+                    break Ending::Finished;
                 }
             }
+            Some(Err(status)) => break ending_of(&status),
+            None if shared.is_over() => break Ending::Finished,
+            None => break Ending::Broke(Problem::new("UNAVAILABLE", "", "the stream ended early")),
         }
     };
-    sender.abort();
-    let _ = sender.await;
-    let unanswered: Vec<Chunk> = in_flight.lock().unwrap().drain(..).collect();
+    (ending, answered)
+}
+
+/// Puts back what a stream left `unanswered`, as its `ending` says: sent again elsewhere, retried with an attempt
+/// counted, or (a refusal) failed or split to find the refused item. Returns the ending as the caller counts it.
+fn settle_unanswered(shared: &Shared, ending: Ending, unanswered: Vec<Chunk>) -> Ending {
     let ending = match ending {
         // A refusal with nothing in flight cannot be pinned on a message: it counts as a failed attempt.
         Ending::Refused(p) if unanswered.is_empty() => Ending::Broke(p),
@@ -659,7 +690,7 @@ async fn session(channel: Channel, shared: &Arc<Shared>, mut retire: watch::Rece
             shared.put_front(again.into_iter());
         }
     }
-    (ending, answered)
+    ending
 }
 
 /// Hands one answer's embeddings and errors to the writer; retryable item errors go back to the queue as one

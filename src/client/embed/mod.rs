@@ -41,7 +41,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::config::parse_duration;
+use crate::duration::parse_duration;
 
 pub use pool::{system_resolver, Resolver};
 
@@ -239,58 +239,23 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 
 /// Runs `clipserve embed` with `resolver` for the server names; returns what it did.
 pub async fn embed(args: EmbedArgs, resolver: Resolver) -> anyhow::Result<Summary> {
-    anyhow::ensure!(
-        args.batch > 0 && args.window > 0 && args.retries > 0 && args.max_message_bytes > 0 && args.partition_size > 0,
-        "--batch, --window, --retries, --max-message-bytes, --partition-size must be positive"
-    );
-    anyhow::ensure!(
-        !(args.format == Format::Parquet && args.dtype() == Dtype::Float16),
-        "--format parquet writes float32 only; use --format clip-retrieval or npy for float16"
-    );
-    if args.servers.iter().any(|s| s.starts_with("https://")) {
-        anyhow::ensure!(args.tls_ca.is_some(), "https:// servers need --tls-ca (the CA their certificates chain to)");
-        driver::tls_config(&args, None).map_err(|p| anyhow::anyhow!("{}", p.message))?;
-    }
+    check_args(&args)?;
     let plan = input::Plan::open(&args)?;
     let sink = output::open(&args)?;
     let skip = sink.skip()?;
     eprintln!("{}", plan.describe(&args, &skip));
+    let progress = progress_bar(&args);
 
-    let progress =
-        if args.no_progress { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::no_length() };
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {pos} items  {per_sec}  {elapsed}  {msg}")
-            .expect("progress template"),
-    );
-
+    // One reader thread, one writer thread, and a task per server sharing the work between them.
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(driver::Shared::new(args.clone(), events_tx));
     let writer = {
         let (shared, progress) = (shared.clone(), progress.clone());
         tokio::task::spawn_blocking(move || output::write_all(sink, events_rx, &shared, &progress))
     };
-    let reader = {
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = input::read(plan, skip, &shared);
-            match &result {
-                Ok(skipped) => shared.finish_reading(skipped.complete),
-                Err(_) => shared.abort(),
-            }
-            result
-        })
-    };
-    let servers: Vec<_> = args
-        .servers
-        .iter()
-        .map(|s| (s.clone(), tokio::spawn(pool::serve(s.clone(), shared.clone(), resolver.clone()))))
-        .collect();
-    let mut given_up = Vec::new();
-    for (server, task) in servers {
-        if let Err(p) = task.await? {
-            given_up.push(format!("{server} ({} {})", p.code, p.message));
-        }
-    }
+    let reader = spawn_reader(plan, skip, shared.clone());
+    let given_up = run_servers(&args, &shared, &resolver).await?;
+
     // Every server is done: either nothing is left, or they were all given up and the reader must stop.
     shared.stop();
     let read = reader.await?;
@@ -304,6 +269,83 @@ pub async fn embed(args: EmbedArgs, resolver: Resolver) -> anyhow::Result<Summar
     let skipped = read.context("reading the input")?;
     summary.skipped_items = skipped.items;
     summary.skipped_partitions = skipped.units;
+    print_summary(&args, &summary);
+    anyhow::ensure!(
+        complete,
+        "the run did not finish ({unfinished} items in flight, the input {}read to its end): every server was \
+         given up: {}; run the same command again to resume",
+        if skipped.complete { "" } else { "not " },
+        given_up.join("; ")
+    );
+    Ok(summary)
+}
+
+/// Refuses flag values no run can use.
+fn check_args(args: &EmbedArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.batch > 0 && args.window > 0 && args.retries > 0 && args.max_message_bytes > 0 && args.partition_size > 0,
+        "--batch, --window, --retries, --max-message-bytes, --partition-size must be positive"
+    );
+    anyhow::ensure!(
+        !(args.format == Format::Parquet && args.dtype() == Dtype::Float16),
+        "--format parquet writes float32 only; use --format clip-retrieval or npy for float16"
+    );
+    if args.servers.iter().any(|s| s.starts_with("https://")) {
+        anyhow::ensure!(args.tls_ca.is_some(), "https:// servers need --tls-ca (the CA their certificates chain to)");
+        driver::tls_config(args, None).map_err(|p| anyhow::anyhow!("{}", p.message))?;
+    }
+    Ok(())
+}
+
+/// The progress line (hidden with `--no-progress`).
+fn progress_bar(args: &EmbedArgs) -> indicatif::ProgressBar {
+    let progress =
+        if args.no_progress { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::no_length() };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} items  {per_sec}  {elapsed}  {msg}")
+            .expect("progress template"),
+    );
+    progress
+}
+
+/// Reads the input on its own thread, a bounded amount ahead of the servers; tells `shared` when it is done.
+fn spawn_reader(
+    plan: input::Plan,
+    skip: input::Skip,
+    shared: Arc<driver::Shared>,
+) -> tokio::task::JoinHandle<anyhow::Result<input::Skipped>> {
+    tokio::task::spawn_blocking(move || {
+        let result = input::read(plan, skip, &shared);
+        match &result {
+            Ok(skipped) => shared.finish_reading(skipped.complete),
+            Err(_) => shared.abort(),
+        }
+        result
+    })
+}
+
+/// Streams to every `--server` until no work is left; returns the servers given up, with why.
+async fn run_servers(
+    args: &EmbedArgs,
+    shared: &Arc<driver::Shared>,
+    resolver: &Resolver,
+) -> anyhow::Result<Vec<String>> {
+    let servers: Vec<_> = args
+        .servers
+        .iter()
+        .map(|s| (s.clone(), tokio::spawn(pool::serve(s.clone(), shared.clone(), resolver.clone()))))
+        .collect();
+    let mut given_up = Vec::new();
+    for (server, task) in servers {
+        if let Err(p) = task.await? {
+            given_up.push(format!("{server} ({} {})", p.code, p.message));
+        }
+    }
+    Ok(given_up)
+}
+
+/// The closing line: what was embedded, failed and skipped, and where it is.
+fn print_summary(args: &EmbedArgs, summary: &Summary) {
     eprintln!(
         "embedded {}, failed {}, {} already done{}; output in {}, errors in {}",
         summary.embedded,
@@ -319,16 +361,8 @@ pub async fn embed(args: EmbedArgs, resolver: Resolver) -> anyhow::Result<Summar
             String::new()
         },
         args.output.display(),
-        output::errors_path(&args).display(),
+        output::errors_path(args).display(),
     );
-    anyhow::ensure!(
-        complete,
-        "the run did not finish ({unfinished} items in flight, the input {}read to its end): every server was \
-         given up: {}; run the same command again to resume",
-        if skipped.complete { "" } else { "not " },
-        given_up.join("; ")
-    );
-    Ok(summary)
 }
 
 #[cfg(test)]

@@ -389,7 +389,7 @@ mod tests {
     fn a_partition_is_written_in_input_order_once_every_item_is_in() {
         let dir = std::env::temp_dir().join(format!("clipserve-partition-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let args = match <crate::config::Cli as clap::Parser>::parse_from([
+        let args = match <crate::cli::Cli as clap::Parser>::parse_from([
             "clipserve",
             "embed",
             "--server",
@@ -405,7 +405,7 @@ mod tests {
         ])
         .command
         {
-            crate::config::Command::Embed(a) => a,
+            crate::cli::Command::Embed(a) => a,
             _ => unreachable!(),
         };
         let mut sink = Partitions::open(&args, &dir.join("errors")).unwrap();

@@ -313,8 +313,8 @@ mod tests {
     fn args(extra: &[&str]) -> EmbedArgs {
         let mut argv = vec!["clipserve", "embed", "--server", "http://x:1", "--input", "i", "--output", "o"];
         argv.extend(extra);
-        match crate::config::Cli::parse_from(argv).command {
-            crate::config::Command::Embed(a) => a,
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Embed(a) => a,
             _ => unreachable!(),
         }
     }

@@ -4,7 +4,7 @@
 # Face checkpoint beside it), computes the transformers reference for them, then runs cargo test.
 # Extra arguments go to cargo test.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../deploy/env.sh"
 cd "$CLIPSERVE_ROOT"
 CLIPSERVE_SKIP_MODEL=1 deploy/setup.sh
 
@@ -18,9 +18,9 @@ export_if_stale() {  # name, extra export flags...
 }
 export_if_stale tiny --tiny
 export_if_stale vit-b32 --random-init
-if [ ! -f "$fixtures/fixtures.json" ] || [ deploy/make_test_fixtures.py -nt "$fixtures/fixtures.json" ] \
+if [ ! -f "$fixtures/fixtures.json" ] || [ dev/make_test_fixtures.py -nt "$fixtures/fixtures.json" ] \
    || [ "$models/tiny/manifest.json" -nt "$fixtures/fixtures.json" ] || [ "$models/vit-b32/manifest.json" -nt "$fixtures/fixtures.json" ]; then
-  .venv/bin/python deploy/make_test_fixtures.py --out "$fixtures" --model "tiny=$models/tiny" --model "vit-b32=$models/vit-b32"
+  .venv/bin/python dev/make_test_fixtures.py --out "$fixtures" --model "tiny=$models/tiny" --model "vit-b32=$models/vit-b32"
 fi
 export CLIPSERVE_TEST_FIXTURES="$CLIPSERVE_ROOT/$fixtures"
 cargo test --release --locked "$@"

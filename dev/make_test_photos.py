@@ -8,7 +8,7 @@
 Run as a script it writes the set the fidelity test (tests/fidelity.rs) compares the exact and fast
 preprocessing on, with a manifest.json describing each file:
 
-  .venv/bin/python deploy/make_test_photos.py --out target/test-photos
+  .venv/bin/python dev/make_test_photos.py --out target/test-photos
 
 57 JPEGs of many sizes and aspect ratios (small ones that cannot be scaled down, 1/2, 1/4 and 1/8 candidates,
 3000x2000, panoramas and tall strips), gray ones, 4:2:0, 4:2:2 and 4:4:4 chroma, progressive ones, qualities

@@ -11,7 +11,7 @@ Embed. Results are written as JSON lines:
 The gRPC stubs are generated from the repository's proto/ at run time, into a temporary folder, so nothing
 generated is kept. Needs grpcio and grpcio-tools (both in deploy/requirements.txt):
 
-    .venv/bin/python deploy/python_client/embed_folder.py --server localhost:50051 \\
+    .venv/bin/python examples/python_client/embed_folder.py --server localhost:50051 \\
         --images photos/ --text "a photo of a cat" --text "a photo of a dog" --out embeddings.jsonl
 
 Exit status: 0 when everything was embedded, 1 when some item failed (each is reported on stderr; the others

@@ -9,10 +9,10 @@
       1, 8 and 64.
 
 Writes a markdown table (throughput, latency percentiles, ratios) to --out and prints it.
-Run it with the project's virtualenv: .venv/bin/python deploy/benchmark.py
+Run it with the project's virtualenv: .venv/bin/python dev/benchmark.py
 
 Then the image pipeline per core (--preprocess-only runs just this part), on three photo-like JPEGs (quality 88:
-640x480, 1280x960, 3000x2000, made by deploy/make_test_photos.py), side by side in one run, in interleaved
+640x480, 1280x960, 3000x2000, made by dev/make_test_photos.py), side by side in one run, in interleaved
 rounds (median of --rounds), every process pinned to one core and its rate counted per second of the CPU time
 it used (so other load on the machine matters less):
 
@@ -226,12 +226,12 @@ def fidelity_section() -> str:
     path = ROOT / "target" / "test-photos" / "fidelity.json"
     lines = ["## Fidelity of `--preprocess fast`", ""]
     if not path.exists():
-        return "\n".join(lines + ["Not measured yet: run `cargo test --release --test fidelity` (or deploy/test.sh), "
+        return "\n".join(lines + ["Not measured yet: run `cargo test --release --test fidelity` (or dev/test.sh), "
                                    "then this script again.", ""])
     f = json.loads(path.read_text())
     lines += [
         f"From `tests/fidelity.rs` (`cargo test --release --test fidelity -- --nocapture` prints every image): "
-        f"{f['images']} images from `deploy/make_test_photos.py` (JPEGs of 200x150 to 3000x2000, panoramas and "
+        f"{f['images']} images from `dev/make_test_photos.py` (JPEGs of 200x150 to 3000x2000, panoramas and "
         "tall strips, gray, 4:2:0 / 4:2:2 / 4:4:4, progressive, qualities 60 to 98, CMYK; PNG and WebP). The "
         f"fast path decodes {f['jpegs_scaled']} of them scaled; the others (other formats, CMYK, JPEGs whose short "
         "side is under 447 pixels) come out identical to the exact path.",
@@ -330,8 +330,8 @@ def pipeline_benchmark(args) -> str:
     lines = [
         "## Image pipeline per core",
         "",
-        f"Written by `deploy/benchmark.py --preprocess-only` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-        f"{os.cpu_count()} CPU core(s). Photo-like JPEGs (quality 88, 4:2:0) from `deploy/make_test_photos.py`, "
+        f"Written by `dev/benchmark.py --preprocess-only` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU core(s). Photo-like JPEGs (quality 88, 4:2:0) from `dev/make_test_photos.py`, "
         "encoded bytes to the model's input tensor. Images per second per core: every process pinned to one core "
         f"(the server on CPU {server_cpu}, its load generator on CPU {client_cpu}), its images divided by the CPU "
         f"time it used; median of {args.rounds} interleaved rounds of {args.pipeline_seconds:.0f} s per row and "
@@ -368,7 +368,7 @@ def pipeline_benchmark(args) -> str:
     for n in ref_names + ["server-exact", "server-fast"]:
         lines.append(f"| {label[n]} | " + " | ".join(f"{16 * med(n, p):,.0f} img/s" for p in paths)
                      + f" | {H100_IMAGES_PER_SECOND / gmean(n):.0f} |")
-    lines += ["", "Command: `.venv/bin/python deploy/benchmark.py --preprocess-only` (after `deploy/test.sh`, which "
+    lines += ["", "Command: `.venv/bin/python dev/benchmark.py --preprocess-only` (after `dev/test.sh`, which "
               "exports the tiny model); `clipserve bench --preprocess IMAGE...` prints the same per-core rates and "
               "stages for any image.", ""]
     return "\n".join(lines) + "\n" + fidelity_section()
@@ -380,7 +380,7 @@ def main() -> None:
                     help="model directory exported with --save-hf (default: the tests' full-size model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per row")
-    ap.add_argument("--out", type=Path, default=ROOT / "deploy" / "BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "dev" / "BENCHMARKS.md")
     ap.add_argument("--preprocess-only", action="store_true",
                     help="measure only the image pipeline table, and replace that section of --out")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the image pipeline table")
@@ -400,7 +400,7 @@ def main() -> None:
         print(table)
         return
     if not (args.model / "hf").is_dir():
-        raise SystemExit(f"{args.model}/hf missing: export with deploy/export_model.py --save-hf (deploy/test.sh does)")
+        raise SystemExit(f"{args.model}/hf missing: export with deploy/export_model.py --save-hf (dev/test.sh does)")
 
     work = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
     jpeg_path = work / "640x480.jpg"
@@ -455,7 +455,7 @@ def main() -> None:
     lines = [
         "# clipserve benchmark",
         "",
-        f"Written by `deploy/benchmark.py` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
+        f"Written by `dev/benchmark.py` on {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU "
         f"core(s), device `{args.device}`, model `{args.model.name}` (full-size ViT-B/32 architecture; "
         f"{json.loads((args.model / 'manifest.json').read_text())['weights']}). {args.seconds:.0f} s per row.",
         "",
@@ -484,7 +484,7 @@ def main() -> None:
                      f"({py_best:.1f} items/s).")
     text = "\n".join(lines) + "\n"
     text += "\n" + pipeline_benchmark(args)
-    # The file's GPU section is deploy/gpu_benchmark.py's documentation: kept as it is.
+    # The file's GPU section is dev/gpu_benchmark.py's documentation: kept as it is.
     old = args.out.read_text() if args.out.exists() else ""
     gpu = old.find("\n## GPU benchmark")
     args.out.write_text(text + (old[gpu:] if gpu >= 0 else ""))

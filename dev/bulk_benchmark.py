@@ -11,11 +11,11 @@ each of --rounds rounds:
     the wall time of the run, start-up and the last partition included), the client's CPU seconds per item and
     the servers' over the same run (from /proc), and the client's peak resident memory (wait4's ru_maxrss).
 
-Prints a table and the median ratio embed / bench. Run it after deploy/test.sh (it uses the release binary and
+Prints a table and the median ratio embed / bench. Run it after dev/test.sh (it uses the release binary and
 the tiny test model by default):
 
-    .venv/bin/python deploy/bulk_benchmark.py                       # 20 000 items, 1 server, 3 rounds
-    .venv/bin/python deploy/bulk_benchmark.py --items 1000000 --rounds 1 --no-bench   # memory on 10^6 items
+    .venv/bin/python dev/bulk_benchmark.py                       # 20 000 items, 1 server, 3 rounds
+    .venv/bin/python dev/bulk_benchmark.py --items 1000000 --rounds 1 --no-bench   # memory on 10^6 items
 """
 
 from __future__ import annotations

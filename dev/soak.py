@@ -8,7 +8,7 @@ Starts `clipserve serve` on a model directory, then, in intervals, runs at once:
 and prints for each interval the images/s, texts/s, answers by code, and the server's resident memory (RSS).
 Ends with RSS at start (after warm-up) and end, and the growth in percent.
 
-    .venv/bin/python deploy/soak.py --minutes 10 [--model target/test-models/vit-b32]
+    .venv/bin/python dev/soak.py --minutes 10 [--model target/test-models/vit-b32]
 """
 
 import argparse

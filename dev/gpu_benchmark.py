@@ -15,8 +15,8 @@ then prints one markdown table and exits non-zero if any call failed. Everything
 (table.md), every number measured (results.json), this script's log (run.log), the export's log and each
 server's stdout and stderr (server-MODE.log).
 
-    python3 deploy/gpu_benchmark.py                                  # on the GPU machine
-    .venv/bin/python deploy/gpu_benchmark.py --quick --device cpu    # a smoke run anywhere (the tests do this)
+    python3 dev/gpu_benchmark.py                                  # on the GPU machine
+    .venv/bin/python dev/gpu_benchmark.py --quick --device cpu    # a smoke run anywhere (the tests do this)
 
 Every image item carries its own bytes (a JPEG comment with a counter) and every text its own number, so an
 answer can never be served from a cache of earlier inputs. Latencies are per gRPC call, client-side.
@@ -544,7 +544,7 @@ def find_model(args, size: str, torch_env: dict, export_log: Path) -> Path:
         raise BenchmarkError(
             "exporting offline needs CLIP's BPE vocabulary from open_clip_torch: `pip install --no-deps "
             "open_clip_torch==3.3.0` (on a machine without network, carry its wheel), or pass --model DIR")
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "export_model.py"), "--out", str(cached), "--force",
+    cmd = [sys.executable, str(ROOT / "deploy" / "export_model.py"), "--out", str(cached), "--force",
            "--tiny" if size == "tiny" else "--random-init"]
     log(f"exporting the {size} model to {cached}: {shlex.join(cmd)} (log: {export_log})")
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ use std::time::Instant;
 use http_body::{Body, Frame, SizeHint};
 use metrics::SharedString;
 
-use crate::metrics as m;
+use crate::telemetry;
 
 /// When a call arrived at the server, as the layer saw it: put in the request's extensions (and so in tonic's
 /// `Request::extensions()`), for deadlines that count from the call's arrival.
@@ -118,16 +118,16 @@ impl Call {
             return;
         }
         let transport = self.transport.as_str();
-        metrics::counter!(m::REQUESTS, "transport" => transport, "rpc" => self.rpc.clone(), "outcome" => outcome)
+        metrics::counter!(telemetry::REQUESTS, "transport" => transport, "rpc" => self.rpc.clone(), "outcome" => outcome)
             .increment(1);
-        metrics::histogram!(m::REQUEST_DURATION, "transport" => transport, "rpc" => self.rpc.clone())
+        metrics::histogram!(telemetry::REQUEST_DURATION, "transport" => transport, "rpc" => self.rpc.clone())
             .record(self.start.elapsed().as_secs_f64());
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        self.finish(m::outcome(tonic::Code::Cancelled));
+        self.finish(telemetry::outcome(tonic::Code::Cancelled));
     }
 }
 
@@ -158,7 +158,7 @@ where
                     // A trailers-only answer: the status is in the headers and the body is empty.
                     Transport::Grpc => match grpc_status(response.headers()) {
                         Some(code) => {
-                            call.finish(m::outcome(code));
+                            call.finish(telemetry::outcome(code));
                             None
                         }
                         None => Some(call),
@@ -173,7 +173,7 @@ where
             Err(e) => {
                 // The server turns a service error into an answer of its own (gRPC: a status; HTTP: a 500).
                 call.finish(match call.transport {
-                    Transport::Grpc => m::outcome(tonic::Code::Internal),
+                    Transport::Grpc => telemetry::outcome(tonic::Code::Internal),
                     Transport::Http => "500",
                 });
                 Err(e)
@@ -202,12 +202,12 @@ impl<B: Body> Body for CountedBody<B> {
         if let Some(mut call) = this.call.take() {
             match &frame {
                 Some(Ok(frame)) => match frame.trailers_ref() {
-                    Some(trailers) => call.finish(grpc_status(trailers).map_or("unknown", m::outcome)),
+                    Some(trailers) => call.finish(grpc_status(trailers).map_or("unknown", telemetry::outcome)),
                     None => *this.call = Some(call),
                 },
-                Some(Err(_)) => call.finish(m::outcome(tonic::Code::Internal)),
+                Some(Err(_)) => call.finish(telemetry::outcome(tonic::Code::Internal)),
                 // The body ended without a status: the client cannot tell how the call went.
-                None => call.finish(m::outcome(tonic::Code::Unknown)),
+                None => call.finish(telemetry::outcome(tonic::Code::Unknown)),
             }
         }
         Poll::Ready(frame)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs each cargo-fuzz target (fuzz/fuzz_targets) for a set time and reports executions and findings.
-# Not part of CI. Usage: deploy/fuzz.sh [SECONDS_PER_TARGET (default 120)] [TARGET...]
+# Not part of CI. Usage: dev/fuzz.sh [SECONDS_PER_TARGET (default 120)] [TARGET...]
 # Needs the project set up (deploy/setup.sh) and cargo-fuzz (installed here if missing). cargo-fuzz needs
 # nightly-only compiler flags; with the stable toolchain RUSTC_BOOTSTRAP=1 allows them.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../deploy/env.sh"
 cd "$CLIPSERVE_ROOT"
 seconds="${1:-120}"; shift || true
 targets=("$@")
@@ -14,7 +14,7 @@ export RUSTC_BOOTSTRAP=1
 # The fuzz binaries link libtorch (through the clipserve library) without the server binary's rpath.
 LD_LIBRARY_PATH="$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
-# Seed the image target with the test images when they exist (deploy/test.sh makes them), and with hostile
+# Seed the image target with the test images when they exist (dev/test.sh makes them), and with hostile
 # shapes: one side a single pixel on every format, and a progressive JPEG whose last scan repeats (a scan bomb).
 mkdir -p fuzz/corpus/image_preprocess
 if [ -d target/test-fixtures/images ]; then
