@@ -32,15 +32,6 @@ async fn run_python(args: Vec<String>) -> Output {
         .expect("running python")
 }
 
-fn report(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// A fresh folder under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 

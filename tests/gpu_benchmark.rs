@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::model_dir;
+use common::{model_dir, report};
 use serde_json::Value;
 
 fn root() -> &'static Path {
@@ -27,15 +27,6 @@ fn run_benchmark(args: &[&str]) -> Output {
         .current_dir(root())
         .output()
         .expect("running dev/gpu_benchmark.py")
-}
-
-fn report(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn temp_dir(name: &str) -> PathBuf {

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clipserve::pb::{EmbedRequest, Item};
@@ -15,33 +13,6 @@ use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Samples a process's resident memory every few milliseconds until dropped; keeps the peak.
-struct RssPeak {
-    peak_kib: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RssPeak {
-    fn start(pid: u32) -> Self {
-        let (peak_kib, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let (p, s) = (peak_kib.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max((rss_mib(pid) * 1024.0) as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        RssPeak { peak_kib, stop, thread: Some(thread) }
-    }
-
-    fn peak_mib(mut self) -> f64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap();
-        self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0
-    }
-}
 
 /// Waits up to `within` for the server's memory to come back under `limit` MiB; the last reading.
 async fn settle_rss(pid: u32, limit: f64, within: Duration) -> f64 {

@@ -375,22 +375,9 @@ async fn ping_version_and_score_unchanged() {
 
 /// Samples a process's resident memory every few milliseconds while `work` runs; the answer and the peak, in MiB.
 async fn with_peak_rss<T>(pid: u32, work: impl std::future::Future<Output = T>) -> (T, f64) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
-    let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-    let sampler = {
-        let (peak, stop) = (peak.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max((rss_mib(pid) * 1024.0) as u64, Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        })
-    };
+    let peak = RssPeak::start(pid);
     let out = work.await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    (out, peak.load(Ordering::Relaxed) as f64 / 1024.0)
+    (out, peak.peak_mib())
 }
 
 /// `head`, then `row` repeated (joined by `sep`) to about `bytes` bytes, then `tail`.

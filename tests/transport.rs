@@ -9,7 +9,6 @@ mod common;
 mod raw_h2;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -509,33 +508,6 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     e.write_all(data).unwrap();
     e.finish().unwrap()
-}
-
-/// Samples a process's resident memory until stopped; keeps the peak (MiB).
-struct RssPeak {
-    peak_kib: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RssPeak {
-    fn start(pid: u32) -> Self {
-        let (peak_kib, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-        let (p, s) = (peak_kib.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max((rss_mib(pid) * 1024.0) as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        RssPeak { peak_kib, stop, thread: Some(thread) }
-    }
-
-    fn peak_mib(mut self) -> f64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap();
-        self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
